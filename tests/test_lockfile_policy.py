@@ -1,0 +1,125 @@
+"""The lockfile policy holds on the committed lockfiles, and each rule catches a doctored lockfile."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from lockfile_policy import LockfileError, check_policy, load_lockfile, parse_lockfile
+
+LOCKS = Path("3rdparty/python")
+
+
+def _split(path: Path) -> tuple[list[str], dict]:
+    header, body = [], []
+    for line in path.read_text().splitlines():
+        (header if line.startswith("//") else body).append(line)
+    return header, json.loads("\n".join(body))
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, tuple[list[str], dict]]:
+    return {name: _split(LOCKS / f"{name}.lock") for name in ("driver", "engine", "tools")}
+
+
+def doctored(raw, name: str, mutate=None, mutate_header=None):
+    """A lockfile parsed from a modified copy of the committed one (body and/or header edited)."""
+    header, body = raw[name]
+    header, body = list(header), copy.deepcopy(body)
+    if mutate:
+        mutate(body)
+    if mutate_header:
+        header = [mutate_header(line) for line in header]
+    return parse_lockfile("\n".join(header) + "\n" + json.dumps(body), f"doctored-{name}.lock")
+
+
+def _requirements(body: dict) -> list[dict]:
+    return body["locked_resolves"][0]["locked_requirements"]
+
+
+def _find(body: dict, project: str) -> dict:
+    return next(r for r in _requirements(body) if r["project_name"] == project)
+
+
+def _policy(raw, **lockfiles):
+    locks = {name: lockfiles.get(name) or doctored(raw, name) for name in ("driver", "engine", "tools")}
+    return check_policy(locks["driver"], [locks["engine"]], [locks["tools"]])
+
+
+def test_committed_lockfiles_pass():
+    driver, engine, tools = (load_lockfile(LOCKS / f"{n}.lock") for n in ("driver", "engine", "tools"))
+    assert check_policy(driver, [engine], [tools]) == []
+    # The rules are not vacuous on the real files: the packages they look at are there.
+    assert driver.version_of("ray") == engine.version_of("ray") == "2.60.0"
+    assert engine.version_of("jax") and engine.version_of("libtpu")
+    assert driver.interpreter_constraints == ("CPython==3.12.*",)
+
+
+def test_ray_version_mismatch_is_reported(raw):
+    engine = doctored(raw, "engine", lambda b: _find(b, "ray").update(version="2.59.0"))
+    problems = _policy(raw, engine=engine)
+    assert len(problems) == 1
+    assert "ray versions differ" in problems[0] and "2.60.0" in problems[0] and "2.59.0" in problems[0]
+
+
+def test_python_constraint_mismatch_is_reported(raw):
+    engine = doctored(
+        raw,
+        "engine",
+        lambda b: b.update(requires_python=["==3.11.*"]),
+        lambda line: line.replace("CPython==3.12.*", "CPython==3.11.*"),
+    )
+    problems = _policy(raw, engine=engine)
+    assert any("interpreter constraints" in p and "CPython==3.11.*" in p for p in problems), problems
+    assert any("requires_python" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("package", ["torch", "jax", "libtpu", "vllm-tpu", "tpu-inference", "torch-xla"])
+def test_engine_package_in_driver_is_reported(raw, package):
+    def add(body):
+        fake = copy.deepcopy(_find(body, "numpy"))
+        fake["project_name"] = package
+        _requirements(body).append(fake)
+
+    problems = _policy(raw, driver=doctored(raw, "driver", add))
+    assert len(problems) == 1 and "engine-only packages" in problems[0] and package in problems[0]
+
+
+def test_torch_xla_in_engine_is_reported(raw):
+    def add(body):
+        fake = copy.deepcopy(_find(body, "jax"))
+        fake.update(project_name="torch-xla", version="2.9.0", requires_dists=[])
+        _requirements(body).append(fake)
+
+    problems = _policy(raw, engine=doctored(raw, "engine", add))
+    assert len(problems) == 1 and "torch-xla" in problems[0]
+
+
+def test_libtpu_pin_disagreeing_with_jax_is_reported(raw):
+    engine = doctored(raw, "engine", lambda b: _find(b, "libtpu").update(version="0.0.47"))
+    problems = _policy(raw, engine=engine)
+    assert len(problems) == 1
+    assert "libtpu 0.0.47" in problems[0] and "tpu extra" in problems[0]
+
+
+@pytest.mark.parametrize("lock", ["driver", "engine", "tools"])
+@pytest.mark.parametrize("how", ["missing-hash", "md5"])
+def test_artifact_without_sha256_is_reported(raw, lock, how):
+    def strip(body):
+        artifact = _find(body, "packaging")["artifacts"][0]
+        if how == "missing-hash":
+            del artifact["hash"]
+        else:
+            artifact.update(algorithm="md5", hash="0" * 32)
+
+    problems = _policy(raw, **{lock: doctored(raw, lock, strip)})
+    assert len(problems) == 1 and "lacks a sha256" in problems[0] and "packaging" in problems[0]
+
+
+def test_malformed_lockfile_names_the_file(tmp_path):
+    bad = tmp_path / "broken.lock"
+    bad.write_text('{"locked_resolves": []}')
+    with pytest.raises(LockfileError, match="broken.lock: no Pants lockfile metadata header"):
+        load_lockfile(bad)
