@@ -1,0 +1,412 @@
+"""Starts engine actors from the engine PEX and fails fast, with a reason, when they cannot start.
+
+Ray starts an actor whose runtime_env is `{"py_executable": CMD}` by running
+`bash -c "exec CMD <ray>/_private/workers/default_worker.py ..."` on the node: the engine PEX acts as the
+interpreter of Ray's worker script, so `import ray`, `jax` or `vllm` inside the actor resolve to the PEX's
+locked copies. Ray never copies the PEX, and when the worker cannot start (missing file, bad interpreter,
+entry-point PEX, a Ray version that crashes at import) the raylet retries forever and the driver hangs.
+This module therefore
+  1. checks the PEX before any actor exists (`preflight`): readable, no entry point, runs as an
+     interpreter, same Ray version and Python minor as the driver;
+  2. waits for every actor's readiness probe under a deadline and, when it passes, kills the actors and
+     raises `EngineStartError` carrying the tail of what Ray logged about the failed worker starts;
+  3. can pre-extract the PEX into its venv under PEX_ROOT (`prepare`), so that actor starts are warm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from shared.engine_host import DEFAULT_ENGINE_TARGET, EngineHost
+
+ENGINE_PEX_ENV = "HERMETIC_ES_ENGINE_PEX"
+ENGINE_PYTHON_ENV = "HERMETIC_ES_ENGINE_PYTHON"
+PEX_ROOT_ENV = "HERMETIC_ES_PEX_ROOT"
+# Where `./pants package src/engine:engine` writes the engine PEX, relative to the repository root.
+DEFAULT_ENGINE_PEX = Path("dist/src.engine/engine.pex")
+# `$HOME` is expanded by bash on each node, so every node uses its own persistent PEX_ROOT.
+DEFAULT_PEX_ROOT = "$HOME/.cache/hermetic-es/pex_root"
+
+# PEX runtime variables that must not leak from the driver (itself a PEX) into the engine's interpreter.
+_PEX_RUNTIME_VARS = ("PEX", "PEX_PATH", "PEX_INTERPRETER", "PEX_SCRIPT", "PEX_MODULE", "PEX_INHERIT_PATH")
+
+# Run inside the PEX by `inspect_pex`: stdlib only, so it reports even a PEX that lacks Ray or `shared`.
+_INSPECT_SCRIPT = """
+import json, sys
+report = {"python": "%d.%d" % sys.version_info[:2], "executable": sys.executable, "prefix": sys.prefix}
+try:
+    import ray
+    report["ray"] = ray.__version__
+except Exception as e:
+    report["ray"] = None
+    report["ray_error"] = "%s: %s" % (type(e).__name__, e)
+try:
+    import shared.engine_host
+    report["engine_host"] = True
+except Exception as e:
+    report["engine_host"] = False
+    report["engine_host_error"] = "%s: %s" % (type(e).__name__, e)
+print("HERMETIC_ES_REPORT=" + json.dumps(report))
+"""
+
+# Lines of Ray's logs that explain a worker that never registered.
+_LOG_PATTERN = re.compile(
+    r"No such file|not found|Permission denied|not registered within the timeout|Traceback|Error|"
+    r"error:|exec |Failed to start|Version mismatch|exited",
+)
+
+
+class EnginePreflightError(RuntimeError):
+    """The engine PEX or its interpreter cannot work; raised before any actor is created."""
+
+
+class EngineStartError(RuntimeError):
+    """Engine actors did not become ready: one failed while starting, or the start deadline passed."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to start the engines.
+
+    Attributes:
+        pex: path of the engine PEX (a file, or a directory for the packed layout); made absolute.
+        python: the CPython 3.12 that runs the PEX on every node (named explicitly, never the PEX shebang).
+        pex_root: PEX_ROOT on every node; may contain `$VARS`, expanded by bash on each node.
+        num_engines: number of engine actors.
+        num_cpus / num_gpus: Ray resources per engine actor (logical units).
+        resources: extra custom Ray resources per engine actor, e.g. {"TPU": 4}.
+        target: "module:Class" of the engine, imported inside the actor.
+        startup_timeout_s: seconds, from actor creation to all ready, for a node whose PEX is extracted.
+        cold_start_allowance_s: extra seconds allowed when the PEX may still need extracting into
+            PEX_ROOT on some node (a multi-GB engine PEX takes minutes on an empty PEX_ROOT); 0 when
+            every node was prepared with `prepare`.
+    """
+
+    pex: Path
+    python: str
+    pex_root: str = DEFAULT_PEX_ROOT
+    num_engines: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    target: str = DEFAULT_ENGINE_TARGET
+    startup_timeout_s: float = 45.0
+    cold_start_allowance_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pex", Path(self.pex).absolute())
+        if self.num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {self.num_engines}")
+        if self.startup_timeout_s <= 0 or self.cold_start_allowance_s < 0:
+            raise ValueError("startup_timeout_s must be > 0 and cold_start_allowance_s >= 0")
+
+    @property
+    def deadline_s(self) -> float:
+        """Seconds the pool waits for all engines to be ready."""
+        return self.startup_timeout_s + self.cold_start_allowance_s
+
+    def py_executable(self) -> str:
+        """The command Ray execs as the worker's interpreter (bash expands `$VARS` on the node)."""
+        unset = " ".join(f"-u {name}" for name in _PEX_RUNTIME_VARS)
+        return f"env {unset} PEX_ROOT={_dq(self.pex_root)} {_dq(self.python)} {_dq(str(self.pex))}"
+
+
+def _dq(value: str) -> str:
+    """Double-quotes for bash: protects spaces, keeps `$VAR` expansion."""
+    return '"' + re.sub(r'(["\\`])', r"\\\1", value) + '"'
+
+
+def default_engine_pex() -> Path:
+    """$HERMETIC_ES_ENGINE_PEX, else dist/src.engine/engine.pex under the current directory."""
+    return Path(os.environ.get(ENGINE_PEX_ENV) or DEFAULT_ENGINE_PEX).absolute()
+
+
+def default_python() -> str:
+    """$HERMETIC_ES_ENGINE_PYTHON, else the base interpreter under the driver (same Python minor)."""
+    if os.environ.get(ENGINE_PYTHON_ENV):
+        return os.environ[ENGINE_PYTHON_ENV]
+    base = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(base if base.exists() else Path(sys._base_executable))
+
+
+def default_pex_root() -> str:
+    """$HERMETIC_ES_PEX_ROOT, else `$HOME/.cache/hermetic-es/pex_root` (expanded on each node)."""
+    return os.environ.get(PEX_ROOT_ENV) or DEFAULT_PEX_ROOT
+
+
+def read_pex_info(pex: Path) -> dict[str, Any]:
+    """Reads PEX-INFO from a PEX file (zipapp) or directory (packed/loose layout).
+
+    Raises:
+        EnginePreflightError: `pex` does not exist, is not readable, or has no readable PEX-INFO.
+    """
+    try:
+        if pex.is_dir():
+            return json.loads((pex / "PEX-INFO").read_text())
+        with zipfile.ZipFile(pex) as zf:
+            return json.loads(zf.read("PEX-INFO"))
+    except FileNotFoundError as e:
+        raise EnginePreflightError(
+            f"engine PEX not found: {pex} ({e.strerror}). Build it with `./pants package src/engine:engine` "
+            f"or point --engine-pex / ${ENGINE_PEX_ENV} at it."
+        ) from e
+    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise EnginePreflightError(f"{pex} is not a readable PEX (no valid PEX-INFO: {e})") from e
+
+
+def _subprocess_env(pex_root: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PEX_RUNTIME_VARS}
+    env["PEX_ROOT"] = os.path.expandvars(pex_root)
+    return env
+
+
+def inspect_pex(spec: EngineSpec, timeout_s: float) -> dict[str, Any]:
+    """Runs the PEX as an interpreter on this machine and returns what it reports about itself.
+
+    The report has: python ("3.12"), executable, prefix, ray (version or None), ray_error,
+    engine_host (bool). This also extracts the PEX into PEX_ROOT if it was not yet.
+
+    Raises:
+        EnginePreflightError: the interpreter does not exist, the PEX does not run, or it timed out.
+    """
+    cmd = [spec.python, str(spec.pex), "-c", _INSPECT_SCRIPT]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=_subprocess_env(spec.pex_root)
+        )
+    except FileNotFoundError as e:
+        raise EnginePreflightError(
+            f"engine interpreter {spec.python!r} does not exist ({e.strerror}). Install CPython "
+            f"{sys.version_info.major}.{sys.version_info.minor} there or pass --engine-python / "
+            f"${ENGINE_PYTHON_ENV}."
+        ) from e
+    except PermissionError as e:
+        raise EnginePreflightError(f"engine interpreter {spec.python!r} is not executable: {e}") from e
+    except subprocess.TimeoutExpired as e:
+        raise EnginePreflightError(
+            f"running {spec.pex} with {spec.python} did not finish within {timeout_s:.0f} s "
+            "(a first extraction of a large PEX can take minutes: pre-extract it with "
+            "`./pants run src/driver:prepare-engine`)"
+        ) from e
+    for line in proc.stdout.splitlines():
+        if line.startswith("HERMETIC_ES_REPORT="):
+            return json.loads(line.split("=", 1)[1])
+    raise EnginePreflightError(
+        f"{spec.python} {spec.pex} does not run as an interpreter (exit code {proc.returncode}).\n"
+        f"stderr (tail):\n{_tail(proc.stderr)}"
+    )
+
+
+def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any]:
+    """Checks that `spec` can start engines, before any actor is created. Returns `inspect_pex`'s report.
+
+    Checks: the PEX exists and has a PEX-INFO; it has no entry point (Ray passes its worker arguments to
+    an entry point); the interpreter runs it; Ray inside equals the driver's Ray; the Python minor inside
+    equals the driver's; `shared.engine_host` imports inside.
+
+    Raises:
+        EnginePreflightError: naming what is wrong and how to fix it.
+    """
+    info = read_pex_info(spec.pex)
+    entry = info.get("entry_point") or info.get("script")
+    if entry:
+        raise EnginePreflightError(
+            f"engine PEX {spec.pex} has an entry point ({entry!r}); Ray runs the PEX as an interpreter and "
+            "would pass its worker arguments to it. Build the engine pex_binary without entry_point/script "
+            "(src/engine:engine has none)."
+        )
+    report = inspect_pex(spec, timeout_s if timeout_s is not None else max(60.0, spec.deadline_s))
+    driver_python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if report["python"] != driver_python:
+        raise EnginePreflightError(
+            f"engine PEX runs on Python {report['python']} ({spec.python}), the driver on {driver_python}; "
+            "Ray needs the same Python minor version on both sides. Pass an interpreter of "
+            f"Python {driver_python} with --engine-python / ${ENGINE_PYTHON_ENV}."
+        )
+    if report["ray"] is None:
+        raise EnginePreflightError(
+            f"engine PEX {spec.pex} cannot import ray ({report.get('ray_error')}); it must be built from "
+            "the engine resolve, which locks the same ray as the driver: ./pants package src/engine:engine"
+        )
+    if report["ray"] != ray.__version__:
+        raise EnginePreflightError(
+            f"engine PEX has ray {report['ray']}, driver has {ray.__version__}: rebuild with "
+            "./pants package src/engine:engine (both resolves must lock the same ray; see "
+            "tests/test_lockfile_policy.py)"
+        )
+    if not report["engine_host"]:
+        raise EnginePreflightError(
+            f"engine PEX {spec.pex} lacks the shared engine host ({report.get('engine_host_error')}); "
+            "build it from src/engine:engine, which includes src/shared"
+        )
+    return report
+
+
+def prepare(spec: EngineSpec, timeout_s: float = 1800.0) -> str:
+    """Pre-extracts the engine PEX into its venv under PEX_ROOT on this node. Returns the venv prefix.
+
+    Later actor starts with the same PEX, interpreter and PEX_ROOT find the venv and skip extraction.
+
+    Raises:
+        EnginePreflightError: as `inspect_pex`.
+    """
+    return inspect_pex(spec, timeout_s)["prefix"]
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
+
+
+def _ray_logs_dir() -> Path | None:
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        return Path(node.get_logs_dir_path())
+    latest = Path("/tmp/ray/session_latest/logs")
+    return latest if latest.is_dir() else None
+
+
+# Ray logs that record worker starts: the raylet's (its stderr holds the failed exec's stderr) and the
+# workers' own stderr.
+_WORKER_START_LOGS = ("raylet.err", "raylet.out", "worker-*.err")
+
+
+def ray_log_offsets() -> dict[Path, int]:
+    """Current sizes (bytes) of the local Ray session's worker-start logs, for `ray_log_excerpt`."""
+    logs = _ray_logs_dir()
+    if logs is None:
+        return {}
+    offsets = {}
+    for pattern in _WORKER_START_LOGS:
+        for path in logs.glob(pattern):
+            with contextlib.suppress(OSError):
+                offsets[path] = path.stat().st_size
+    return offsets
+
+
+def ray_log_excerpt(offsets: dict[Path, int], max_lines: int = 20) -> str:
+    """Returns what the local Ray session logged about failed worker starts after `offsets` were taken.
+
+    Reads only the bytes appended to the worker-start logs since `ray_log_offsets()` returned `offsets`
+    (new files from their start), keeps lines matching known failure patterns, drops repeats, and returns
+    the last `max_lines` of them, each prefixed with its file name. Empty when nothing was found.
+    """
+    logs = _ray_logs_dir()
+    if logs is None:
+        return ""
+    found: dict[str, None] = {}
+    for pattern in _WORKER_START_LOGS:
+        for path in sorted(logs.glob(pattern)):
+            try:
+                with path.open("rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if _LOG_PATTERN.search(line):
+                    found.setdefault(f"{path.name}: {line.strip()}")
+    return "\n".join("    " + line for line in list(found)[-max_lines:])
+
+
+@dataclass
+class EnginePool:
+    """Running engine actors. `handles[i]` is a Ray actor handle of `EngineHost`; `reports[i]` its
+    readiness report (environment_report of the actor plus the engine target)."""
+
+    spec: EngineSpec
+    handles: list[Any]
+    reports: list[dict[str, Any]]
+
+    @classmethod
+    def start(
+        cls,
+        spec: EngineSpec,
+        *engine_args: Any,
+        check: bool = True,
+        report_packages: tuple[str, ...] = (),
+        **engine_kwargs: Any,
+    ) -> EnginePool:
+        """Preflights `spec` (unless `check` is False), starts `spec.num_engines` actors and waits until
+        each is ready, at most `spec.deadline_s` seconds. Ray must be initialised.
+
+        Args:
+            engine_args / engine_kwargs: passed to the engine class of `spec.target`, which also receives
+                `engine_id=i` (0-based index in the pool).
+            report_packages: distributions whose versions each actor reports in `reports`.
+
+        Raises:
+            EnginePreflightError: see `preflight`.
+            EngineStartError: an engine failed to start (its error included) or the deadline passed (the
+                tail of Ray's logs about the failed worker starts included). No actor is left running.
+        """
+        if check:
+            preflight(spec)
+        remote_host = ray.remote(EngineHost).options(
+            num_cpus=spec.num_cpus,
+            num_gpus=spec.num_gpus,
+            resources=dict(spec.resources),
+            runtime_env={"py_executable": spec.py_executable()},
+            max_restarts=0,
+        )
+        log_offsets = ray_log_offsets()
+        started = time.time()
+        handles = [
+            remote_host.remote(spec.target, *engine_args, engine_id=i, **engine_kwargs)
+            for i in range(spec.num_engines)
+        ]
+        pending = {handle.ready.remote(report_packages): i for i, handle in enumerate(handles)}
+        reports: list[dict[str, Any] | None] = [None] * len(handles)
+        deadline = started + spec.deadline_s
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.time()))
+                if not done:
+                    raise EngineStartError(cls._timeout_message(spec, log_offsets, len(pending)))
+                index = pending.pop(done[0])
+                try:
+                    reports[index] = ray.get(done[0])
+                except ray.exceptions.RayError as e:
+                    raise EngineStartError(
+                        f"engine {index} ({spec.target}) failed while starting from {spec.pex}:\n{e}"
+                    ) from e
+        except BaseException:
+            for handle in handles:
+                ray.kill(handle, no_restart=True)
+            raise
+        return cls(spec=spec, handles=handles, reports=reports)
+
+    @staticmethod
+    def _timeout_message(spec: EngineSpec, log_offsets: dict[Path, int], waiting: int) -> str:
+        excerpt = ray_log_excerpt(log_offsets)
+        return (
+            f"{waiting} of {spec.num_engines} engine actors did not start within {spec.deadline_s:.0f} s "
+            f"(startup_timeout_s={spec.startup_timeout_s:.0f} + cold_start_allowance_s="
+            f"{spec.cold_start_allowance_s:.0f}). Ray keeps retrying a worker that cannot start instead of "
+            "failing, so the pool gave up. Check that every node has the engine PEX at "
+            f"{spec.pex}, the interpreter {spec.python}, and a writable PEX_ROOT ({spec.pex_root}); "
+            "a first extraction of a large PEX needs a larger --engine-cold-start-allowance or a "
+            "pre-extracted PEX (./pants run src/driver:prepare-engine).\n"
+            + (f"Ray logged:\n{excerpt}" if excerpt else "Ray logged nothing about it on this node.")
+        )
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Calls `method` on every engine and returns their results in engine order."""
+        return ray.get([h.call.remote(method, *args, **kwargs) for h in self.handles])
+
+    def shutdown(self) -> None:
+        """Kills the engine actors."""
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
+        self.handles = []

@@ -1,0 +1,97 @@
+"""The Ray actor that hosts an engine inside the engine PEX, loaded by name.
+
+The driver must never import engine code (its resolve lacks vLLM, JAX and torch by construction), yet it
+creates the engine actors. It does so by wrapping `EngineHost` with `ray.remote`: Ray pickles this class by
+reference (`shared.engine_host.EngineHost`), the worker started from the engine PEX imports it from its own
+copy of `shared`, and `EngineHost.__init__` imports the engine class named by `target` there, in the
+engine's environment. Only this module and its stdlib imports are needed on both sides.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Any
+
+DEFAULT_ENGINE_TARGET = "engine.actor:EngineActor"
+
+
+def load_target(target: str) -> type:
+    """Imports and returns the class named by `target` ("package.module:ClassName").
+
+    Raises:
+        ValueError: `target` is not of the form "module:ClassName".
+        ImportError / AttributeError: the module or class does not exist; any exception the module
+            raises at import time propagates unchanged.
+    """
+    module_name, sep, class_name = target.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"engine target {target!r} must look like 'package.module:ClassName'")
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)
+
+
+def environment_report(packages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Describes the running Python environment.
+
+    Returns a JSON-serialisable dict: python (major.minor), python_full, executable, prefix, base_prefix,
+    pid, hostname, ray (version or None) and `packages`: distribution name -> version, or None where the
+    distribution is not installed.
+    """
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "python_full": platform.python_version(),
+        "executable": sys.executable,
+        "prefix": sys.prefix,
+        "base_prefix": sys.base_prefix,
+        "pid": os.getpid(),
+        "hostname": platform.node(),
+        "ray": ray_version,
+        "packages": versions,
+    }
+
+
+class EngineHost:
+    """Hosts one engine object inside a Ray actor process.
+
+    Args:
+        target: "module:ClassName" of the engine class, imported inside the actor's environment.
+        *args, **kwargs: passed to the engine class.
+
+    Raises:
+        Whatever importing or constructing the target raises; Ray reports it to the driver as the
+        actor's creation error (the actor is not restarted).
+    """
+
+    def __init__(self, target: str = DEFAULT_ENGINE_TARGET, *args: Any, **kwargs: Any) -> None:
+        self._target = target
+        self._engine = load_target(target)(*args, **kwargs)
+
+    def ready(self, packages: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Returns `environment_report(packages)` plus the engine target; the pool's readiness probe."""
+        return {"target": self._target, **environment_report(packages)}
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Calls `method` on the hosted engine and returns its result.
+
+        Raises:
+            AttributeError: the engine has no public method of that name.
+        """
+        if method.startswith("_"):
+            raise AttributeError(f"engine method {method!r} is private")
+        return getattr(self._engine, method)(*args, **kwargs)

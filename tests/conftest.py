@@ -1,0 +1,19 @@
+"""Shared fixtures: a real local Ray cluster for the tests that need one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A fresh local Ray cluster (4 logical CPUs, no dashboard) for one test module."""
+    import ray
+
+    # Ray 2.60 writes ~/.ray/auth_token on first init; parallel test modules each start their own raylet.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,150 @@
+"""Engine pool: every way an engine environment can be broken gives a clear error, never a hang.
+
+Uses a real local Ray cluster and small PEX files built by Pants from the driver resolve (tests:toy-engine,
+tests:entry-point-engine); one PEX with a different Ray version is made here with the pex CLI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from driver.engine_pool import EnginePool, EnginePreflightError, EngineSpec, EngineStartError, prepare
+
+TOY_PEX = Path("tests/toy-engine.pex")
+ENTRY_POINT_PEX = Path("tests/entry-point-engine.pex")
+PYTHON = sys.executable
+
+
+def spec(tmp_path: Path, **overrides) -> EngineSpec:
+    values = dict(
+        pex=TOY_PEX,
+        python=PYTHON,
+        pex_root=str(tmp_path / "pex_root"),
+        num_engines=2,
+        num_cpus=1,
+        target="toy_engine:ToyEngine",
+        startup_timeout_s=20,
+    )
+    values.update(overrides)
+    return EngineSpec(**values)
+
+
+def _tree(root: Path, depth: int = 3) -> set[str]:
+    """Paths under `root` down to `depth` levels, without bytecode caches."""
+    found = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if len(rel.parts) <= depth and "__pycache__" not in rel.parts:
+            found.add(str(rel))
+    return found
+
+
+def test_toy_engines_start_and_run_inside_the_pex(ray_cluster, tmp_path):
+    pool = EnginePool.start(spec(tmp_path), report_packages=("ray",))
+    try:
+        assert len(pool.reports) == 2
+        for report in pool.reports:
+            assert report["ray"] == ray.__version__
+            assert report["packages"] == {"ray": ray.__version__}
+            # The actor's interpreter is the PEX's venv under our PEX_ROOT, not the driver's environment.
+            assert Path(report["prefix"]).is_relative_to(tmp_path / "pex_root")
+            assert report["prefix"] != sys.prefix
+        where = pool.call("where")
+        assert [w["engine_id"] for w in where] == [0, 1]
+        assert all(Path(w["prefix"]).is_relative_to(tmp_path / "pex_root") for w in where)
+    finally:
+        pool.shutdown()
+
+
+def test_missing_pex_is_a_preflight_error(ray_cluster, tmp_path):
+    with pytest.raises(EnginePreflightError, match=r"engine PEX not found: .*nowhere\.pex.*./pants package"):
+        EnginePool.start(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
+
+
+def test_entry_point_pex_is_a_preflight_error(ray_cluster, tmp_path):
+    with pytest.raises(EnginePreflightError, match=r"has an entry point .*toy_engine"):
+        EnginePool.start(spec(tmp_path, pex=ENTRY_POINT_PEX))
+
+
+def test_missing_interpreter_is_a_preflight_error(ray_cluster, tmp_path):
+    with pytest.raises(EnginePreflightError, match=r"interpreter '/nonexistent/python3.12' does not exist"):
+        EnginePool.start(spec(tmp_path, python="/nonexistent/python3.12"))
+
+
+def test_pex_with_another_ray_version_is_a_preflight_error(ray_cluster, tmp_path):
+    fake = tmp_path / "src" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "2.59.0"\n')
+    old_ray_pex = tmp_path / "old-ray.pex"
+    subprocess.run(
+        [sys.executable, "-m", "pex", "--no-pypi", "-D", str(tmp_path / "src"), "-o", str(old_ray_pex)],
+        check=True,
+    )
+    expected = rf"engine PEX has ray 2\.59\.0, driver has {ray.__version__}: rebuild with ./pants package"
+    with pytest.raises(EnginePreflightError, match=expected):
+        EnginePool.start(spec(tmp_path, pex=old_ray_pex))
+
+
+@pytest.mark.timeout(120)
+def test_engine_module_failing_at_import_is_reported(ray_cluster, tmp_path):
+    with pytest.raises(EngineStartError, match=r"(?s)failed while starting.*simulated import-time failure"):
+        EnginePool.start(spec(tmp_path, target="broken_engine:Engine"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broken", ["missing-pex", "missing-interpreter"])
+def test_unstartable_worker_hits_the_deadline_instead_of_hanging(ray_cluster, tmp_path, broken):
+    # Without the preflight, Ray retries the worker start forever; the deadline must end the wait.
+    if broken == "missing-pex":
+        bad = spec(tmp_path, pex=tmp_path / "gone.pex", num_engines=1, startup_timeout_s=15)
+    else:
+        bad = spec(tmp_path, python="/nonexistent/python3.12", num_engines=1, startup_timeout_s=15)
+    with pytest.raises(EngineStartError, match=r"1 of 1 engine actors did not start within 15 s") as info:
+        EnginePool.start(bad, check=False)
+    message = str(info.value)
+    # What Ray logged about the failed exec is in the error (raylet.err holds the exec's stderr).
+    assert "Ray logged:" in message, message
+    assert "raylet.err" in message and "No such file or directory" in message, message
+    assert ("gone.pex" if broken == "missing-pex" else "/nonexistent/python3.12") in message, message
+    # The cluster is still usable: a correct pool starts afterwards.
+    EnginePool.start(spec(tmp_path, num_engines=1)).shutdown()
+
+
+def test_pre_extraction_makes_the_actor_start_skip_extraction(ray_cluster, tmp_path):
+    prepared = spec(tmp_path, num_engines=1)
+    venv = prepare(prepared)
+    assert Path(venv).is_relative_to(tmp_path / "pex_root")
+    before = _tree(tmp_path / "pex_root")
+    pool = EnginePool.start(prepared, check=False)
+    try:
+        assert pool.reports[0]["prefix"] == venv
+        assert _tree(tmp_path / "pex_root") == before  # nothing was extracted or installed
+    finally:
+        pool.shutdown()
+
+
+def test_without_pre_extraction_the_actor_start_extracts(ray_cluster, tmp_path):
+    cold = spec(tmp_path, num_engines=1)
+    assert not (tmp_path / "pex_root").exists()
+    pool = EnginePool.start(cold, check=False)
+    try:
+        prefix = Path(pool.reports[0]["prefix"])
+        assert prefix.is_relative_to(tmp_path / "pex_root") and prefix.is_dir()
+    finally:
+        pool.shutdown()
+
+
+def test_prepare_engine_command(tmp_path, capsys):
+    from driver.prepare_engine import main
+
+    root = tmp_path / "pex_root"
+    args = ["--engine-pex", str(TOY_PEX), "--engine-python", PYTHON, "--pex-root", str(root)]
+    assert main(args) == 0
+    assert f"venv:   {root}" in capsys.readouterr().out
+    assert main([*args[:1], str(tmp_path / "missing.pex"), *args[2:]]) == 1
+    assert "engine PEX not found" in capsys.readouterr().err
