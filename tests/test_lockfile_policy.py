@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from lockfile_policy import LockfileError, check_policy, load_lockfile, parse_lockfile
+from lockfile_policy import Lockfile, LockfileError, check_policy, load_lockfile, parse_lockfile
 
 LOCKS = Path("3rdparty/python")
 
@@ -43,13 +43,18 @@ def _find(body: dict, project: str) -> dict:
     return next(r for r in _requirements(body) if r["project_name"] == project)
 
 
-def _policy(raw, **lockfiles):
-    locks = {name: lockfiles.get(name) or doctored(raw, name) for name in ("driver", "engine", "tools")}
+@pytest.fixture(scope="module")
+def committed() -> dict[str, Lockfile]:
+    return {name: load_lockfile(LOCKS / f"{name}.lock") for name in ("driver", "engine", "tools")}
+
+
+def _policy(committed, **doctored_locks):
+    locks = {**committed, **doctored_locks}
     return check_policy(locks["driver"], [locks["engine"]], [locks["tools"]])
 
 
-def test_committed_lockfiles_pass():
-    driver, engine, tools = (load_lockfile(LOCKS / f"{n}.lock") for n in ("driver", "engine", "tools"))
+def test_committed_lockfiles_pass(committed):
+    driver, engine, tools = committed["driver"], committed["engine"], committed["tools"]
     assert check_policy(driver, [engine], [tools]) == []
     # The rules are not vacuous on the real files: the packages they look at are there.
     assert driver.version_of("ray") == engine.version_of("ray") == "2.60.0"
@@ -57,56 +62,56 @@ def test_committed_lockfiles_pass():
     assert driver.interpreter_constraints == ("CPython==3.12.*",)
 
 
-def test_ray_version_mismatch_is_reported(raw):
+def test_ray_version_mismatch_is_reported(raw, committed):
     engine = doctored(raw, "engine", lambda b: _find(b, "ray").update(version="2.59.0"))
-    problems = _policy(raw, engine=engine)
+    problems = _policy(committed, engine=engine)
     assert len(problems) == 1
     assert "ray versions differ" in problems[0] and "2.60.0" in problems[0] and "2.59.0" in problems[0]
 
 
-def test_python_constraint_mismatch_is_reported(raw):
+def test_python_constraint_mismatch_is_reported(raw, committed):
     engine = doctored(
         raw,
         "engine",
         lambda b: b.update(requires_python=["==3.11.*"]),
         lambda line: line.replace("CPython==3.12.*", "CPython==3.11.*"),
     )
-    problems = _policy(raw, engine=engine)
+    problems = _policy(committed, engine=engine)
     assert any("interpreter constraints" in p and "CPython==3.11.*" in p for p in problems), problems
     assert any("requires_python" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("package", ["torch", "jax", "libtpu", "vllm-tpu", "tpu-inference", "torch-xla"])
-def test_engine_package_in_driver_is_reported(raw, package):
+def test_engine_package_in_driver_is_reported(raw, committed, package):
     def add(body):
         fake = copy.deepcopy(_find(body, "numpy"))
         fake["project_name"] = package
         _requirements(body).append(fake)
 
-    problems = _policy(raw, driver=doctored(raw, "driver", add))
+    problems = _policy(committed, driver=doctored(raw, "driver", add))
     assert len(problems) == 1 and "engine-only packages" in problems[0] and package in problems[0]
 
 
-def test_torch_xla_in_engine_is_reported(raw):
+def test_torch_xla_in_engine_is_reported(raw, committed):
     def add(body):
         fake = copy.deepcopy(_find(body, "jax"))
         fake.update(project_name="torch-xla", version="2.9.0", requires_dists=[])
         _requirements(body).append(fake)
 
-    problems = _policy(raw, engine=doctored(raw, "engine", add))
+    problems = _policy(committed, engine=doctored(raw, "engine", add))
     assert len(problems) == 1 and "torch-xla" in problems[0]
 
 
-def test_libtpu_pin_disagreeing_with_jax_is_reported(raw):
+def test_libtpu_pin_disagreeing_with_jax_is_reported(raw, committed):
     engine = doctored(raw, "engine", lambda b: _find(b, "libtpu").update(version="0.0.47"))
-    problems = _policy(raw, engine=engine)
+    problems = _policy(committed, engine=engine)
     assert len(problems) == 1
     assert "libtpu 0.0.47" in problems[0] and "tpu extra" in problems[0]
 
 
 @pytest.mark.parametrize("lock", ["driver", "engine", "tools"])
 @pytest.mark.parametrize("how", ["missing-hash", "md5"])
-def test_artifact_without_sha256_is_reported(raw, lock, how):
+def test_artifact_without_sha256_is_reported(raw, committed, lock, how):
     def strip(body):
         artifact = _find(body, "packaging")["artifacts"][0]
         if how == "missing-hash":
@@ -114,7 +119,7 @@ def test_artifact_without_sha256_is_reported(raw, lock, how):
         else:
             artifact.update(algorithm="md5", hash="0" * 32)
 
-    problems = _policy(raw, **{lock: doctored(raw, lock, strip)})
+    problems = _policy(committed, **{lock: doctored(raw, lock, strip)})
     assert len(problems) == 1 and "lacks a sha256" in problems[0] and "packaging" in problems[0]
 
 
