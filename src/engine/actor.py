@@ -1,20 +1,28 @@
 """The engine object that `shared.engine_host.EngineHost` hosts inside each engine actor.
 
 It runs in the engine PEX's environment (vLLM, JAX, libtpu, torch, transformers). The driver reaches it
-only through `EngineHost.call(method, ...)`, by method name.
+only through `EngineHost.call(method, ...)`, by method name, sending seeds, scalars and
+`shared.countdown.CountdownProblem` records, and receiving rewards and a few sample completions.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
+
+from shared.countdown import CountdownProblem, reward
 
 # Modules whose presence and version the engine reports (module name, not distribution name).
 ENGINE_MODULES = ("ray", "jax", "jaxlib", "vllm", "tpu_inference", "torch", "transformers", "numpy")
 
 
 class EngineActor:
-    """One rollout engine.
+    """One rollout engine: a model, its in-place ES weight operations, and Countdown scoring.
 
     Args:
         engine_id: index of this engine in the pool (0-based), used in logs and reports.
@@ -22,6 +30,8 @@ class EngineActor:
 
     def __init__(self, engine_id: int = 0) -> None:
         self.engine_id = engine_id
+        self.backend = None
+        self.weights = None
 
     def module_versions(self, modules: tuple[str, ...] = ENGINE_MODULES) -> dict[str, str | None]:
         """Imports each module and returns module -> `__version__` (None where it has none).
@@ -38,3 +48,108 @@ class EngineActor:
     def ping(self) -> dict[str, Any]:
         """Returns {"engine_id": int}; a cheap liveness probe."""
         return {"engine_id": self.engine_id}
+
+    def make_tiny_model(self, out_dir: str, seed: int = 0) -> str:
+        """Creates the tiny default model at `out_dir` unless it already holds one; returns the path."""
+        from engine.tiny_model import make_tiny_model
+
+        if not (Path(out_dir) / "config.json").exists():
+            make_tiny_model(out_dir, seed=seed)
+        return str(out_dir)
+
+    def load_model(
+        self, model_dir: str, dtype: str = "float32", device: str = "cpu", restore_mode: str = "master"
+    ) -> dict[str, Any]:
+        """Loads the model with the CPU (transformers) backend. Returns {"fingerprint", "parameters"}."""
+        from engine.hf_backend import HFBackend
+        from engine.torch_weights import TorchWeights
+
+        self.backend = HFBackend(model_dir, dtype=dtype, device=device)
+        self.weights = TorchWeights(self.backend.model, restore_mode=restore_mode)
+        parameters = sum(p.numel() for p in self.weights.params.values())
+        return {"fingerprint": self.weights.fingerprint(), "parameters": parameters}
+
+    def _require_model(self) -> None:
+        if self.backend is None or self.weights is None:
+            raise RuntimeError(f"engine {self.engine_id}: no model loaded; call load_model first")
+
+    def evaluate(
+        self,
+        problems: list[CountdownProblem],
+        max_new_tokens: int,
+        seed: int | None = None,
+        sign: int = 1,
+        sigma: float = 0.0,
+        batch_size: int = 16,
+        num_samples: int = 2,
+    ) -> dict[str, Any]:
+        """Scores the model on `problems`, perturbed by member (seed, sign, sigma) if `seed` is given.
+
+        Perturbs in place, generates greedily, scores each completion with the Countdown reward, and
+        restores the weights (also when generation fails).
+
+        Returns:
+            {"rewards": [float] per problem, "answers": [float], "formats": [float], "tokens": int
+            (generated), "samples": [{"id", "completion", "reward"}] (first `num_samples`),
+            "seconds": {"perturb", "generate", "restore"}}.
+        """
+        self._require_model()
+        times = {"perturb": 0.0, "generate": 0.0, "restore": 0.0}
+        start = time.perf_counter()
+        if seed is not None:
+            self.weights.perturb(seed, sigma, sign)
+        times["perturb"] = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            completions = self.backend.generate([p.prompt for p in problems], max_new_tokens, batch_size)
+            times["generate"] = time.perf_counter() - start
+        finally:
+            start = time.perf_counter()
+            self.weights.restore()
+            times["restore"] = time.perf_counter() - start
+        scored = [reward(c.text, p.numbers, p.target) for p, c in zip(problems, completions, strict=True)]
+        return {
+            "rewards": [s.total for s in scored],
+            "answers": [s.answer for s in scored],
+            "formats": [s.format for s in scored],
+            "tokens": sum(c.num_tokens for c in completions),
+            "samples": [
+                {"id": p.id, "completion": c.text, "reward": s.total}
+                for p, c, s in list(zip(problems, completions, scored, strict=True))[:num_samples]
+            ],
+            "seconds": times,
+        }
+
+    def apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        """Applies an ES update ((seed, coefficient) pairs); returns the new weights' fingerprint."""
+        self._require_model()
+        self.weights.apply_update(pairs)
+        return self.weights.fingerprint()
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the current weights (see `TorchWeights.fingerprint`)."""
+        self._require_model()
+        return self.weights.fingerprint()
+
+    def save(self, out_dir: str) -> str:
+        """Saves model (safetensors) and tokenizer as a Hugging Face directory, atomically (written to a
+        temporary sibling, then renamed over `out_dir`). Returns out_dir."""
+        self._require_model()
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+        try:
+            self.backend.model.save_pretrained(tmp, safe_serialization=True)
+            self.backend.tokenizer.save_pretrained(tmp)
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return str(out)

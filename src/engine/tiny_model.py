@@ -1,0 +1,102 @@
+"""Makes a tiny Qwen2-architecture causal LM and its tokenizer, saved as a Hugging Face directory.
+
+No network: the byte-level BPE tokenizer is trained here (with the `tokenizers` library) on Countdown
+text, and the model's weights are random from a seed. `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` load the directory offline. Head dim is 64 so vLLM can load it too.
+Used by the tests and as the default model when a run names none.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from shared.countdown import make_prompt
+
+EOS = "<|endoftext|>"
+# The task's tags become single tokens, but ordinary (not special) ones: decoding keeps them.
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def _corpus(seed: int, size: int = 400) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(size):
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        ops = [rng.choice("+-*/") for _ in numbers[1:]]
+        expression = " ".join(f"{n} {op}" for n, op in zip(numbers, ops, strict=False)) + f" {numbers[-1]}"
+        target = rng.randint(10, 100)
+        texts.append(
+            make_prompt(numbers, target)
+            + f" Let me try ({expression}).</think>\n<answer>({expression})</answer>{EOS}"
+        )
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on generated Countdown text, with EOS = pad = "<|endoftext|>"."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, pad_token=EOS, padding_side="left"
+    )
+    fast.add_tokens(list(TAGS))
+    return fast
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    intermediate_size: int = 256,
+    vocab_size: int = 512,
+) -> Path:
+    """Creates and saves (safetensors) a random Qwen2ForCausalLM with a local tokenizer; returns out_dir.
+
+    Shapes: head_dim = hidden_size / num_heads (64 by default). Same arguments, same files' tensors.
+
+    Raises:
+        ValueError: head_dim below 64 or hidden_size not divisible by num_heads.
+    """
+    if hidden_size % num_heads or hidden_size // num_heads < 64:
+        raise ValueError(
+            f"head_dim = hidden_size / num_heads must be an integer >= 64, got {hidden_size}/{num_heads}"
+        )
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

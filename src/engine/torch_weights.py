@@ -1,0 +1,128 @@
+"""ES weight operations on a torch model, in place: perturb, restore, apply_update, fingerprint.
+
+Noise (Qiu et al. 2025, Sec. 3): for member seed s and parameter p, eps = N(0, 1) float32 of p's shape,
+drawn by `torch.randn` from a `torch.Generator` on p's device seeded with `shared.seeds.noise_seed(s,
+p's name)`. It is therefore identical on every engine of the same device type and i.i.d. across
+parameters. Restoring (default) copies back from an float32 master copy of the base weights in host
+memory, which is also where updates accumulate, so that updates of ~1e-5 (alpha = 5e-4 times shaped
+rewards) are not rounded away in bf16. The reference's subtract-to-restore (`p -= sigma * eps`) is kept
+as `restore_mode="subtract"`; in bf16 it drifts (measured by the tests and the benchmark).
+
+Memory: one parameter's noise at a time lives on the device; the master copy (4 bytes per parameter)
+lives in host memory. Never a second full copy of the weights on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+
+from shared.seeds import noise_seed
+
+RESTORE_MODES = ("master", "subtract")
+
+
+def noise_like(param: torch.Tensor, member_seed: int, name: str) -> torch.Tensor:
+    """The member's float32 noise for one parameter, on the parameter's device, shape `param.shape`."""
+    generator = torch.Generator(device=param.device)
+    generator.manual_seed(noise_seed(member_seed, name))
+    return torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device)
+
+
+class TorchWeights:
+    """In-place ES operations on the parameters of a torch module.
+
+    Args:
+        model: the module whose `named_parameters()` are perturbed (all of them, in name order).
+        restore_mode: "master" (exact: copy back from the fp32 host master) or "subtract" (the reference:
+            subtract the same noise again, which is inexact in low precision).
+
+    Raises:
+        ValueError: unknown restore_mode.
+    """
+
+    def __init__(self, model: torch.nn.Module, restore_mode: str = "master") -> None:
+        if restore_mode not in RESTORE_MODES:
+            raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
+        self.restore_mode = restore_mode
+        self.params = dict(sorted(model.named_parameters()))
+        self.master = {
+            name: p.detach().to(device="cpu", dtype=torch.float32, copy=True)
+            for name, p in self.params.items()
+        }
+        self._active: tuple[int, float] | None = None  # (seed, sign * sigma) of the applied perturbation
+
+    @property
+    def perturbed(self) -> bool:
+        """True between `perturb` and `restore`."""
+        return self._active is not None
+
+    @torch.no_grad()
+    def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
+        """theta <- theta + sign * sigma * eps(seed), parameter by parameter, in place.
+
+        Raises:
+            RuntimeError: already perturbed (restore first).
+        """
+        if self._active is not None:
+            raise RuntimeError("weights are already perturbed; call restore() first")
+        scale = float(sign) * float(sigma)
+        for name, p in self.params.items():
+            eps = noise_like(p, seed, name)
+            # Add in fp32 then round once to the parameter dtype.
+            p.copy_((p.float() + scale * eps).to(p.dtype))
+        self._active = (seed, scale)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undoes `perturb`: copy from the master (exact), or subtract the noise again (mode "subtract").
+        No-op when not perturbed."""
+        if self._active is None:
+            return
+        seed, scale = self._active
+        for name, p in self.params.items():
+            if self.restore_mode == "master":
+                p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
+            else:
+                p.copy_((p.float() - scale * noise_like(p, seed, name)).to(p.dtype))
+        self._active = None
+
+    @torch.no_grad()
+    def apply_update(self, pairs: Iterable[tuple[int, float]]) -> None:
+        """theta <- theta + sum_k coeff_k * eps(seed_k): accumulated in the fp32 master, then written to
+        the device weights (rounded once to their dtype). `pairs` is `Strategy.tell()`'s output.
+
+        Raises:
+            RuntimeError: the weights are perturbed (restore first).
+        """
+        if self._active is not None:
+            raise RuntimeError("cannot apply an update to perturbed weights; call restore() first")
+        pairs = [(int(s), float(c)) for s, c in pairs]
+        for name, p in self.params.items():
+            update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            for seed, coefficient in pairs:
+                update.add_(noise_like(p, seed, name), alpha=coefficient)
+            self.master[name].add_(update.cpu())
+            p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
+
+    @torch.no_grad()
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) over every parameter's name, dtype, shape and raw bytes, in name order.
+
+        Equal on two engines exactly when their weights are bit-identical (up to hash collisions). Costs
+        one device-to-host copy of the weights, one parameter at a time.
+        """
+        digest = hashlib.sha256()
+        for name, p in self.params.items():
+            data = p.detach().reshape(-1).contiguous().cpu()
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def load_master_into_model(self) -> None:
+        """Writes the fp32 master into the device weights (rounded to their dtype); e.g. after a resync."""
+        for name, p in self.params.items():
+            p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))

@@ -1,0 +1,42 @@
+"""Seed derivation: the one place that says which random numbers every part of a run uses.
+
+ES communicates seeds, not noise (Qiu et al. 2025, Sec. 3; Salimans et al. 2017): the driver sends each
+engine a member seed, and the engine regenerates that member's noise for every parameter from it. For
+that to work across processes, machines and Python versions, seeds are derived by hashing, never by a
+stateful generator:
+
+  member_seed(root, iteration, index)  = H("member", root, iteration, index)
+  noise_seed(member_seed, param_name)  = H("noise", member_seed, param_name)
+
+where H(*parts) is the first 8 bytes (big-endian) of SHA-256 over the parts joined by "/", masked to 63
+bits (so it fits a signed 64-bit integer, which `torch.Generator.manual_seed` accepts). Deriving the
+noise seed from the parameter's *name* makes noise i.i.d. across parameters; the reference re-seeded the
+generator with the same seed for every parameter, so same-shaped parameters got identical noise (their
+issue #46).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+SEED_BITS = 63
+
+
+def _hash(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << SEED_BITS) - 1)
+
+
+def member_seed(root_seed: int, iteration: int, index: int) -> int:
+    """The seed of population member `index` (0-based) at `iteration`, an int in [0, 2**63)."""
+    return _hash("member", int(root_seed), int(iteration), int(index))
+
+
+def noise_seed(member: int, param_name: str) -> int:
+    """The seed of the noise of parameter `param_name` for a member seed, an int in [0, 2**63)."""
+    return _hash("noise", int(member), param_name)
+
+
+def split_seed_u32(seed: int) -> tuple[int, int]:
+    """A 63-bit seed as (high, low) 32-bit words, e.g. as raw key data for JAX's threefry PRNG."""
+    return (seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF
