@@ -70,9 +70,8 @@ class TorchWeights:
             raise RuntimeError("weights are already perturbed; call restore() first")
         scale = float(sign) * float(sigma)
         for name, p in self.params.items():
-            eps = noise_like(p, seed, name)
-            # Add in fp32 then round once to the parameter dtype.
-            p.copy_((p.float() + scale * eps).to(p.dtype))
+            # scale * eps + p in fp32, in the noise buffer (no other temporaries); rounded once to p.dtype.
+            p.copy_(noise_like(p, seed, name).mul_(scale).add_(p))
         self._active = (seed, scale)
 
     @torch.no_grad()
@@ -86,7 +85,7 @@ class TorchWeights:
             if self.restore_mode == "master":
                 p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
             else:
-                p.copy_((p.float() - scale * noise_like(p, seed, name)).to(p.dtype))
+                p.copy_(noise_like(p, seed, name).mul_(-scale).add_(p))
         self._active = None
 
     @torch.no_grad()

@@ -1,0 +1,137 @@
+"""Perturb + restore throughput vs a plain copy, and its share of a member's evaluation time.
+
+    ./pants run bench:perturb_throughput -- [--device cpu] [--dtype float32] [--json FILE]
+
+For each model (the tiny default model and a ~100M-parameter Qwen2 of the same family, both random):
+  copy      one pass of `p.copy_(q)` over every parameter from a same-shaped tensor on the same device
+            (the baseline: what any in-place weight operation must at least do);
+  perturb+restore   `TorchWeights.perturb` then `.restore` (noise regenerated from the seed, added in
+            fp32, then an exact copy back from the fp32 master);
+  evaluation share  the fraction of one member evaluation (perturb, greedy generation of
+            --max-new-tokens on --prompts Countdown prompts, restore) spent in perturb + restore.
+Reports parameters per second and the ratio perturb+restore / copy (goal: within 3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine.hf_backend import HFBackend
+from engine.tiny_model import make_tiny_model
+from engine.torch_weights import TorchWeights
+from shared.countdown import make_prompt
+
+MODELS = {
+    "tiny": {},
+    "100M": {
+        "hidden_size": 768,
+        "num_layers": 16,
+        "num_heads": 12,
+        "num_kv_heads": 2,
+        "intermediate_size": 2048,
+    },
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    model_dir = make_tiny_model(workdir / name, seed=0, **MODELS[name])
+    backend = HFBackend(model_dir, dtype=args.dtype, device=args.device)
+    weights = TorchWeights(backend.model)
+    device = backend.device
+    params = list(weights.params.values())
+    count = sum(p.numel() for p in params)
+    sources = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def copy() -> None:
+        for p, q in zip(params, sources, strict=True):
+            p.copy_(q)
+
+    seeds = iter(range(10**9))
+
+    def perturb_restore() -> None:
+        weights.perturb(next(seeds), 0.001)
+        weights.restore()
+
+    t_copy = _timed(copy, device, args.repeats)
+    t_pr = _timed(perturb_restore, device, args.repeats)
+    prompts = [make_prompt([i + 1, i + 2, i + 3], 10 + i) for i in range(args.prompts)]
+    backend.generate(prompts, args.max_new_tokens, batch_size=args.prompts)  # warm-up
+    start = time.perf_counter()
+    perturb_restore_in_eval = 0.0
+    t0 = time.perf_counter()
+    weights.perturb(next(seeds), 0.001)
+    perturb_restore_in_eval += time.perf_counter() - t0
+    backend.generate(prompts, args.max_new_tokens, batch_size=args.prompts)
+    t0 = time.perf_counter()
+    weights.restore()
+    perturb_restore_in_eval += time.perf_counter() - t0
+    t_eval = time.perf_counter() - start
+    return {
+        "parameters": count,
+        "copy_s": t_copy,
+        "perturb_restore_s": t_pr,
+        "copy_params_per_s": count / t_copy,
+        "perturb_restore_params_per_s": count / t_pr,
+        "ratio_perturb_restore_over_copy": t_pr / t_copy,
+        "member_evaluation_s": t_eval,
+        "perturb_restore_share_of_evaluation": perturb_restore_in_eval / t_eval,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads {threads}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-perturb-") as tmp:
+        for name in args.models:
+            results[name] = r = bench_model(name, args, Path(tmp))
+            print(
+                f"{name:>5}: {r['parameters'] / 1e6:7.2f} M params | "
+                f"copy {r['copy_params_per_s'] / 1e6:9.1f} M/s | "
+                f"perturb+restore {r['perturb_restore_params_per_s'] / 1e6:8.1f} M/s | "
+                f"ratio {r['ratio_perturb_restore_over_copy']:5.1f}x | share of a member evaluation "
+                f"({args.prompts} prompts x {args.max_new_tokens} tokens, {r['member_evaluation_s']:.2f} s) "
+                f"{100 * r['perturb_restore_share_of_evaluation']:.1f}%"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
