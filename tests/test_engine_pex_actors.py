@@ -41,6 +41,10 @@ def test_two_engines_start_from_the_engine_pex(ray_cluster):
             assert report["packages"]["jax"] == "0.11.2"
             assert report["packages"]["libtpu"] == "0.0.48"
             assert report["packages"]["vllm-tpu"] == "0.32.0"
+            # Engine and shared code come from the PEX, never from the driver's paths.
+            assert {"engine.actor", "shared.engine_host", "shared.countdown"} <= report["module_files"].keys()
+            for name, path in report["module_files"].items():
+                assert Path(path).is_relative_to(report["prefix"]), f"{name} loaded from {path}"
         versions = pool.call("module_versions", ("ray", "jax", "vllm", "transformers"))
         for v in versions:
             assert v["ray"] == ray.__version__

@@ -66,6 +66,12 @@ def test_missing_pex_is_a_preflight_error(ray_cluster, tmp_path):
         EnginePool.start(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
 
 
+def test_directory_that_is_not_a_pex_is_a_preflight_error(ray_cluster, tmp_path):
+    (tmp_path / "not.pex").mkdir()
+    with pytest.raises(EnginePreflightError, match=r"not\.pex is not a readable PEX \(no valid PEX-INFO"):
+        EnginePool.start(spec(tmp_path, pex=tmp_path / "not.pex"))
+
+
 def test_entry_point_pex_is_a_preflight_error(ray_cluster, tmp_path):
     with pytest.raises(EnginePreflightError, match=r"has an entry point .*toy_engine"):
         EnginePool.start(spec(tmp_path, pex=ENTRY_POINT_PEX))

@@ -152,16 +152,16 @@ def read_pex_info(pex: Path) -> dict[str, Any]:
     Raises:
         EnginePreflightError: `pex` does not exist, is not readable, or has no readable PEX-INFO.
     """
+    if not pex.exists():
+        raise EnginePreflightError(
+            f"engine PEX not found: {pex}. Build it with `./pants package src/engine:engine` "
+            f"or point --engine-pex / ${ENGINE_PEX_ENV} at it."
+        )
     try:
         if pex.is_dir():
             return json.loads((pex / "PEX-INFO").read_text())
         with zipfile.ZipFile(pex) as zf:
             return json.loads(zf.read("PEX-INFO"))
-    except FileNotFoundError as e:
-        raise EnginePreflightError(
-            f"engine PEX not found: {pex} ({e.strerror}). Build it with `./pants package src/engine:engine` "
-            f"or point --engine-pex / ${ENGINE_PEX_ENV} at it."
-        ) from e
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise EnginePreflightError(f"{pex} is not a readable PEX (no valid PEX-INFO: {e})") from e
 

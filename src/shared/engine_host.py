@@ -34,6 +34,36 @@ def load_target(target: str) -> type:
     return getattr(module, class_name)
 
 
+# Top-level packages of this project; inside an engine they must come from the engine PEX.
+PROJECT_PACKAGES = ("shared", "engine")
+
+
+def _inside(path: str, roots: set[str]) -> bool:
+    real = os.path.realpath(path or os.curdir)
+    return any(real == root or real.startswith(root + os.sep) for root in roots)
+
+
+def isolate_from_driver_paths() -> list[str]:
+    """Makes this process import only from its own interpreter and environment (the engine PEX's venv).
+
+    Ray prepends the driver's script directory and working directory to every worker's sys.path (its
+    `py_driver_sys_path`), so modules of the driver's environment could shadow the engine PEX's own.
+    This removes sys.path entries outside sys.prefix / sys.base_prefix / sys.exec_prefix and unloads
+    already-imported project modules (PROJECT_PACKAGES) that came from such entries.
+
+    Returns the removed sys.path entries.
+    """
+    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    removed = [p for p in sys.path if not _inside(p, roots)]
+    sys.path[:] = [p for p in sys.path if _inside(p, roots)]
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        if name.split(".")[0] in PROJECT_PACKAGES and origin and not _inside(origin, roots):
+            del sys.modules[name]
+    importlib.invalidate_caches()
+    return removed
+
+
 def environment_report(packages: tuple[str, ...] = ()) -> dict[str, Any]:
     """Describes the running Python environment.
 
@@ -80,11 +110,24 @@ class EngineHost:
 
     def __init__(self, target: str = DEFAULT_ENGINE_TARGET, *args: Any, **kwargs: Any) -> None:
         self._target = target
+        self._removed_paths = isolate_from_driver_paths()
         self._engine = load_target(target)(*args, **kwargs)
 
     def ready(self, packages: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Returns `environment_report(packages)` plus the engine target; the pool's readiness probe."""
-        return {"target": self._target, **environment_report(packages)}
+        """The pool's readiness probe: `environment_report(packages)` plus the engine target,
+        `module_files` (file of every loaded project module) and `removed_sys_path` (the driver's
+        paths that Ray had put on this worker's sys.path)."""
+        module_files = {
+            name: getattr(module, "__file__", None)
+            for name, module in sorted(sys.modules.items())
+            if name.split(".")[0] in PROJECT_PACKAGES or name == self._target.partition(":")[0]
+        }
+        return {
+            "target": self._target,
+            "module_files": module_files,
+            "removed_sys_path": self._removed_paths,
+            **environment_report(packages),
+        }
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Calls `method` on the hosted engine and returns its result.
