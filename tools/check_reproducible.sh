@@ -6,7 +6,9 @@
 #   tools/check_reproducible.sh src/driver:train     # just one target
 #
 # A packed-layout PEX is a directory; its digest is the sha256 over (relative path, file sha256) pairs.
-# The launcher's own bootstrap (~/.cache/hermetic-es) is reused: it is pinned by hash already.
+# Each build is hashed and deleted before the next starts, so the disk holds one cold build at a time
+# (about 25 GB for the engine PEX). The launcher's own bootstrap (~/.cache/hermetic-es) is reused: it is
+# pinned by hash already.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 targets=("$@")
@@ -14,22 +16,13 @@ targets=("$@")
 work="$(mktemp -d "${TMPDIR:-/tmp}/hermetic-es-repro.XXXXXX")"
 trap 'rm -rf "${work}"' EXIT
 
-for build in 1 2; do
-  echo "::: build ${build}: ./pants package ${targets[*]} with empty caches" >&2
-  start=${SECONDS}
-  ./pants --no-pantsd --no-local-cache \
-    --local-store-dir="${work}/store${build}" \
-    --named-caches-dir="${work}/named${build}" \
-    --pants-workdir="${work}/workdir${build}" \
-    --pants-distdir="${work}/dist${build}" \
-    package "${targets[@]}"
-  echo "::: build ${build} took $((SECONDS - start)) s" >&2
-  rm -rf "${work}/store${build}" "${work}/named${build}" "${work}/workdir${build}"
-done
-
-python3 - "${work}/dist1" "${work}/dist2" <<'PY'
-import hashlib, sys
+digest_dist() {
+  python3 - "$1" <<'PY'
+import hashlib, json, sys
 from pathlib import Path
+
+dist = Path(sys.argv[1])
+
 
 def digest(path: Path) -> tuple[str, int]:
     if path.is_file():
@@ -42,14 +35,36 @@ def digest(path: Path) -> tuple[str, int]:
         outer.update(f"{f.relative_to(path)}\0{hashlib.sha256(data).hexdigest()}\n".encode())
     return outer.hexdigest(), size
 
-dist1, dist2 = Path(sys.argv[1]), Path(sys.argv[2])
-artifacts = sorted(p.relative_to(dist1) for p in dist1.rglob("*.pex") if not any(
-    parent.suffix == ".pex" for parent in p.relative_to(dist1).parents))
-same = bool(artifacts)
-for rel in artifacts:
-    (h1, size), (h2, _) = digest(dist1 / rel), digest(dist2 / rel) if (dist2 / rel).exists() else ("missing", 0)
+
+artifacts = [p for p in dist.rglob("*.pex") if not any(q.suffix == ".pex" for q in p.relative_to(dist).parents)]
+print(json.dumps({str(p.relative_to(dist)): digest(p) for p in sorted(artifacts)}))
+PY
+}
+
+for build in 1 2; do
+  echo "::: build ${build}: ./pants package ${targets[*]} with empty caches" >&2
+  start=${SECONDS}
+  ./pants --no-pantsd --no-local-cache \
+    --local-store-dir="${work}/store" \
+    --named-caches-dir="${work}/named" \
+    --pants-workdir="${work}/workdir" \
+    --pants-distdir="${work}/dist" \
+    package "${targets[@]}"
+  echo "::: build ${build} took $((SECONDS - start)) s" >&2
+  digest_dist "${work}/dist" > "${work}/digests${build}.json"
+  rm -rf "${work}/store" "${work}/named" "${work}/workdir" "${work}/dist"
+done
+
+python3 - "${work}/digests1.json" "${work}/digests2.json" <<'PY'
+import json, sys
+
+first, second = (json.load(open(p)) for p in sys.argv[1:3])
+same = bool(first) and first.keys() == second.keys()
+for name in sorted(first.keys() | second.keys()):
+    (h1, size), (h2, _) = first.get(name, ("missing", 0)), second.get(name, ("missing", 0))
     same &= h1 == h2
-    print(f"{rel}  {size / 1e6:.1f} MB\n  build 1 sha256 {h1}\n  build 2 sha256 {h2}\n  {'identical' if h1 == h2 else 'DIFFERENT'}")
+    verdict = "identical" if h1 == h2 else "DIFFERENT"
+    print(f"{name}  {size / 1e6:.1f} MB\n  build 1 sha256 {h1}\n  build 2 sha256 {h2}\n  {verdict}")
 print("reproducible: yes" if same else "reproducible: NO")
 sys.exit(0 if same else 1)
 PY
