@@ -14,7 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=(src/driver:train src/engine:engine)
 work="$(mktemp -d "${TMPDIR:-/tmp}/hermetic-es-repro.XXXXXX")"
-trap 'rm -rf "${work}"' EXIT
+dist="dist/reproducibility-check"  # Pants wants the dist dir inside the build root
+trap 'rm -rf "${work}" "${dist}"' EXIT
 
 digest_dist() {
   python3 - "$1" <<'PY'
@@ -48,11 +49,11 @@ for build in 1 2; do
     --local-store-dir="${work}/store" \
     --named-caches-dir="${work}/named" \
     --pants-workdir="${work}/workdir" \
-    --pants-distdir="${work}/dist" \
+    --pants-distdir="${dist}" \
     package "${targets[@]}"
   echo "::: build ${build} took $((SECONDS - start)) s" >&2
-  digest_dist "${work}/dist" > "${work}/digests${build}.json"
-  rm -rf "${work}/store" "${work}/named" "${work}/workdir" "${work}/dist"
+  digest_dist "${dist}" > "${work}/digests${build}.json"
+  rm -rf "${work}/store" "${work}/named" "${work}/workdir" "${dist}"
 done
 
 python3 - "${work}/digests1.json" "${work}/digests2.json" <<'PY'
