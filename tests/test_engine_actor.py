@@ -12,7 +12,9 @@ from shared.countdown import CountdownProblem, make_prompt
 
 def problems() -> list[CountdownProblem]:
     rows = [((44, 19, 35), "98"), ((1, 2, 3), "6"), ((41, 36, 8, 4), "17")]
-    return [CountdownProblem(id=i, prompt=make_prompt(n, t), numbers=n, target=t) for i, (n, t) in enumerate(rows)]
+    return [
+        CountdownProblem(id=i, prompt=make_prompt(n, t), numbers=n, target=t) for i, (n, t) in enumerate(rows)
+    ]
 
 
 def test_evaluate_update_fingerprint_and_save(tmp_path):
