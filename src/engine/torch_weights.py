@@ -54,6 +54,10 @@ class TorchWeights:
         }
         self._active: tuple[int, float] | None = None  # (seed, sign * sigma) of the applied perturbation
 
+    def _load_from_master(self, name: str, p: torch.Tensor) -> None:
+        """Writes the fp32 master of one parameter into its device tensor (rounded to its dtype)."""
+        p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
+
     @property
     def perturbed(self) -> bool:
         """True between `perturb` and `restore`."""
@@ -83,7 +87,7 @@ class TorchWeights:
         seed, scale = self._active
         for name, p in self.params.items():
             if self.restore_mode == "master":
-                p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
+                self._load_from_master(name, p)
             else:
                 p.copy_(noise_like(p, seed, name).mul_(-scale).add_(p))
         self._active = None
@@ -104,7 +108,7 @@ class TorchWeights:
             for seed, coefficient in pairs:
                 update.add_(noise_like(p, seed, name), alpha=coefficient)
             self.master[name].add_(update.cpu())
-            p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
+            self._load_from_master(name, p)
 
     @torch.no_grad()
     def fingerprint(self) -> str:
@@ -119,9 +123,3 @@ class TorchWeights:
             digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
             digest.update(data.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
-
-    @torch.no_grad()
-    def load_master_into_model(self) -> None:
-        """Writes the fp32 master into the device weights (rounded to their dtype); e.g. after a resync."""
-        for name, p in self.params.items():
-            p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
