@@ -38,6 +38,10 @@ def load_target(target: str) -> type:
 PROJECT_PACKAGES = ("shared", "engine")
 
 
+def _is_project_module(name: str) -> bool:
+    return name.split(".")[0] in PROJECT_PACKAGES
+
+
 def _inside(path: str, roots: set[str]) -> bool:
     real = os.path.realpath(path or os.curdir)
     return any(real == root or real.startswith(root + os.sep) for root in roots)
@@ -54,11 +58,14 @@ def isolate_from_driver_paths() -> list[str]:
     Returns the removed sys.path entries.
     """
     roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    removed = [p for p in sys.path if not _inside(p, roots)]
-    sys.path[:] = [p for p in sys.path if _inside(p, roots)]
+    kept: list[str] = []
+    removed: list[str] = []
+    for entry in sys.path:
+        (kept if _inside(entry, roots) else removed).append(entry)
+    sys.path[:] = kept
     for name, module in list(sys.modules.items()):
         origin = getattr(module, "__file__", None)
-        if name.split(".")[0] in PROJECT_PACKAGES and origin and not _inside(origin, roots):
+        if _is_project_module(name) and origin and not _inside(origin, roots):
             del sys.modules[name]
     importlib.invalidate_caches()
     return removed
@@ -120,7 +127,7 @@ class EngineHost:
         module_files = {
             name: getattr(module, "__file__", None)
             for name, module in sorted(sys.modules.items())
-            if name.split(".")[0] in PROJECT_PACKAGES or name == self._target.partition(":")[0]
+            if _is_project_module(name) or name == self._target.partition(":")[0]
         }
         return {
             "target": self._target,
