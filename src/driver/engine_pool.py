@@ -328,6 +328,9 @@ class EnginePool:
     spec: EngineSpec
     handles: list[Any]
     reports: list[dict[str, Any]]
+    engine_args: tuple[Any, ...] = ()
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    report_packages: tuple[str, ...] = ()
 
     @classmethod
     def start(
@@ -353,6 +356,13 @@ class EnginePool:
         """
         if check:
             preflight(spec)
+        pool = cls(spec, [], [], engine_args, dict(engine_kwargs), tuple(report_packages))
+        pool.handles, pool.reports = pool._create(list(range(spec.num_engines)))
+        return pool
+
+    def _create(self, engine_ids: list[int]) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Creates one actor per engine id and waits for all to be ready (see `start`)."""
+        spec = self.spec
         remote_host = ray.remote(EngineHost).options(
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus,
@@ -363,29 +373,44 @@ class EnginePool:
         log_offsets = ray_log_offsets()
         started = time.time()
         handles = [
-            remote_host.remote(spec.target, *engine_args, engine_id=i, **engine_kwargs)
-            for i in range(spec.num_engines)
+            remote_host.remote(spec.target, *self.engine_args, engine_id=i, **self.engine_kwargs)
+            for i in engine_ids
         ]
-        pending = {handle.ready.remote(report_packages): i for i, handle in enumerate(handles)}
+        pending = {handle.ready.remote(self.report_packages): k for k, handle in enumerate(handles)}
         reports: list[dict[str, Any] | None] = [None] * len(handles)
         deadline = started + spec.deadline_s
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.time()))
                 if not done:
-                    raise EngineStartError(cls._timeout_message(spec, log_offsets, len(pending)))
-                index = pending.pop(done[0])
+                    raise EngineStartError(self._timeout_message(spec, log_offsets, len(pending)))
+                k = pending.pop(done[0])
                 try:
-                    reports[index] = ray.get(done[0])
+                    reports[k] = ray.get(done[0])
                 except ray.exceptions.RayError as e:
                     raise EngineStartError(
-                        f"engine {index} ({spec.target}) failed while starting from {spec.pex}:\n{e}"
+                        f"engine {engine_ids[k]} ({spec.target}) failed while starting from {spec.pex}:\n{e}"
                     ) from e
         except BaseException:
             for handle in handles:
                 ray.kill(handle, no_restart=True)
             raise
-        return cls(spec=spec, handles=handles, reports=reports)
+        return handles, reports
+
+    def restart(self, index: int) -> dict[str, Any]:
+        """Replaces engine `index` (dead or alive) with a new actor from the same PEX, with the same
+        arguments and `engine_id=index`; returns its readiness report. The new engine has no state: the
+        caller loads the model into it.
+
+        Raises:
+            EngineStartError: as `start`.
+        """
+        with contextlib.suppress(Exception):
+            ray.kill(self.handles[index], no_restart=True)
+        (handle,), (report,) = self._create([index])
+        self.handles[index] = handle
+        self.reports[index] = report
+        return report
 
     @staticmethod
     def _timeout_message(spec: EngineSpec, log_offsets: dict[Path, int], waiting: int) -> str:

@@ -1,22 +1,145 @@
-"""Entry point of `./pants run src/driver:train` (the ES fine-tuning run).
+"""`./pants run src/driver:train -- [options]`: ES fine-tuning on Countdown, end to end.
 
-The training loop is not wired up yet (tracked in the "./pants run src/driver:train" issue); until then
-the command says so and exits with status 2 instead of pretending to train.
+With no options it trains the tiny test model on generated Countdown problems for a few minutes on a CPU:
+it builds the engine PEX (when run from the source tree), starts a local Ray cluster, starts the engines
+from the engine PEX, and writes metrics, samples and checkpoints under runs/<UTC time>/. `--help` lists
+every option with its default and unit; `--config FILE` reads them from TOML or YAML.
+
+Exit status: 0 completed, 1 failed (engines, Ray, I/O), 2 invalid configuration or data, 130 stopped by
+Ctrl-C (the work done so far is checkpointed; continue it with --resume --output-dir DIR).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from pathlib import Path
+
+from driver.countdown_data import CountdownDataError
+from driver.engine_build import EngineBuildError, resolve_engine_pex
+from driver.engine_pool import (
+    EnginePreflightError,
+    EngineSpec,
+    EngineStartError,
+    default_pex_root,
+    default_python,
+    preflight,
+)
+from driver.run_dir import RunDirError
+from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
+from driver.trainer import EngineSyncError, Trainer, load_problems, open_run
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
+# Seconds allowed to extract the engine PEX into PEX_ROOT on this node before the engines start.
+EXTRACT_TIMEOUT_S = 1800.0
+# Extra start-up seconds for engines on other nodes of a joined cluster, which may extract cold.
+REMOTE_COLD_START_S = 1200.0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command. Returns the process exit status (2: training is not available yet)."""
-    del argv
-    print(
-        "hermetic-es: the ES training loop is not available in this revision yet.",
-        file=sys.stderr,
+def engine_spec(config: TrainConfig, pex: Path) -> EngineSpec:
+    """The EngineSpec of a run's engines."""
+    return EngineSpec(
+        pex=pex,
+        python=config.engine_python or default_python(),
+        pex_root=config.pex_root or default_pex_root(),
+        num_engines=config.num_engines,
+        num_cpus=config.engine_cpus,
+        num_gpus=config.engine_gpus,
+        resources=dict(config.engine_resources),
+        startup_timeout_s=config.engine_start_timeout,
+        cold_start_allowance_s=REMOTE_COLD_START_S if config.address else 0.0,
     )
-    return 2
+
+
+def prepare_engines(config: TrainConfig) -> EngineSpec:
+    """Finds or builds the engine PEX and checks and extracts it on this node (`engine_pool.preflight`).
+
+    Raises:
+        EngineBuildError, EnginePreflightError.
+    """
+    pex = resolve_engine_pex(config.engine_pex, config.build_engine)
+    spec = engine_spec(config, pex)
+    print(f"checking the engine PEX {pex} (a first run extracts it into PEX_ROOT: a minute or two)")
+    started = time.monotonic()
+    report = preflight(spec, timeout_s=EXTRACT_TIMEOUT_S)
+    print(f"engine environment ready in {time.monotonic() - started:.1f} s: {report['prefix']}")
+    return spec
+
+
+def init_ray(address: str | None) -> bool:
+    """Joins `address` or starts a local Ray cluster, unless Ray is already initialised (returns False
+    then; True when this call initialised Ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Ray >= 2.52 may require token authentication by default; a local cluster of one user does not.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    return True
+
+
+def default_output_dir() -> str:
+    """runs/<UTC time>, e.g. runs/20261122-101500."""
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+
+
+def main(argv: list[str] | None = None, on_member_done=None) -> int:
+    """Runs the command; returns the exit status (see the module docstring).
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+        on_member_done: a hook after each member result, (trainer, iteration, member, engine); tests use
+            it to inject faults.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog="train", description=__doc__.split("\n\n")[1])
+    args = parser.parse_args(argv)
+    try:
+        config, given = config_from_args(args)
+        if config.output_dir is None:
+            config = TrainConfig(**{**config.to_dict(), "output_dir": default_output_dir()})
+        problems = load_problems(config)
+        config, resume_state = open_run(config, problems, given)
+    except (ConfigError, CountdownDataError, RunDirError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        spec = prepare_engines(config)
+    except (EngineBuildError, EnginePreflightError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    trainer = Trainer(config, spec, problems, resume_state, argv=argv, on_member_done=on_member_done)
+    import ray
+
+    started_ray = init_ray(config.address)
+    try:
+        summary = trainer.run()
+    except (EngineStartError, EngineSyncError, EnginePreflightError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"train: aborted; the last complete checkpoint is kept under {trainer.run_dir.checkpoints}",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
+    finally:
+        if started_ray:
+            ray.shutdown()
+    out = summary["output_dir"]
+    print(
+        f"{summary['status']}: {summary['updates']} updates, weights {summary['fingerprint'][:16]}\n"
+        f"  outputs:     {out}\n"
+        f"  metrics:     {out}/metrics.jsonl (TensorBoard: tensorboard --logdir {out}/tensorboard)\n"
+        f"  samples:     {out}/samples.jsonl\n"
+        f"  checkpoint:  {summary['last_checkpoint']}"
+    )
+    if summary["status"] == "stopped":
+        print(f"continue with: ./pants run src/driver:train -- --resume --output-dir {out}")
+        return EXIT_STOPPED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

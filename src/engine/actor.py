@@ -21,6 +21,14 @@ from shared.countdown import CountdownProblem, reward
 ENGINE_MODULES = ("ray", "jax", "jaxlib", "vllm", "tpu_inference", "torch", "transformers", "numpy")
 
 
+def _quiet_transformers() -> None:
+    """Turns off transformers' progress bars (weights loading/saving), which Ray would forward to the
+    driver's terminal as noise between its own progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class EngineActor:
     """One rollout engine: a model, its in-place ES weight operations, and Countdown scoring.
 
@@ -34,7 +42,7 @@ class EngineActor:
         self.weights = None
 
     def module_versions(self, modules: tuple[str, ...] = ENGINE_MODULES) -> dict[str, str | None]:
-        """Imports each module and returns module -> `__version__` (None where it has none).
+        """Imports each module and returns module -> `__version__` as a plain str (None where it has none).
 
         Raises:
             ImportError: a module is missing, i.e. the engine PEX is not the engine resolve.
@@ -42,30 +50,63 @@ class EngineActor:
         versions = {}
         for name in modules:
             module = importlib.import_module(name)
-            versions[name] = getattr(module, "__version__", None)
+            version = getattr(module, "__version__", None)
+            # str(): torch's __version__ is a str subclass from torch, which the driver cannot unpickle.
+            versions[name] = None if version is None else str(version)
         return versions
 
     def ping(self) -> dict[str, Any]:
         """Returns {"engine_id": int}; a cheap liveness probe."""
         return {"engine_id": self.engine_id}
 
-    def make_tiny_model(self, out_dir: str, seed: int = 0) -> str:
-        """Creates the tiny default model at `out_dir` unless it already holds one; returns the path."""
+    def make_tiny_model(self, out_dir: str, seed: int = 0, warm_start_steps: int = 0) -> str:
+        """Creates the tiny model (`engine.tiny_model.make_tiny_model`) at `out_dir` unless it already
+        holds one; returns the path. Written to a temporary sibling and renamed, so a crash leaves none."""
         from engine.tiny_model import make_tiny_model
 
-        if not (Path(out_dir) / "config.json").exists():
-            make_tiny_model(out_dir, seed=seed)
-        return str(out_dir)
+        _quiet_transformers()
+        out = Path(out_dir)
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+            try:
+                make_tiny_model(tmp, seed=seed, warm_start_steps=warm_start_steps)
+                os.replace(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return str(out)
 
     def load_model(
-        self, model_dir: str, dtype: str = "float32", device: str = "cpu", restore_mode: str = "master"
+        self,
+        model_dir: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        restore_mode: str = "master",
+        master_path: str | None = None,
     ) -> dict[str, Any]:
-        """Loads the model with the CPU (transformers) backend. Returns {"fingerprint", "parameters"}."""
+        """Loads the model with the transformers backend on `device` ("cpu", "cuda").
+
+        Args:
+            master_path: a checkpoint's `master.safetensors` (fp32 weights, written when `dtype` is not
+                float32); loaded over the model's weights so that a resumed run continues bit-exactly.
+
+        Returns:
+            {"fingerprint": str, "parameters": int}.
+
+        Raises:
+            OSError: the directory lacks model or tokenizer files. ValueError: the master does not match.
+        """
         from engine.hf_backend import HFBackend
         from engine.torch_weights import TorchWeights
 
+        _quiet_transformers()
         self.backend = HFBackend(model_dir, dtype=dtype, device=device)
         self.weights = TorchWeights(self.backend.model, restore_mode=restore_mode)
+        if master_path:
+            from safetensors.torch import load_file
+
+            self.weights.load_master(load_file(master_path))
         parameters = sum(p.numel() for p in self.weights.params.values())
         return {"fingerprint": self.weights.fingerprint(), "parameters": parameters}
 
@@ -130,6 +171,41 @@ class EngineActor:
         """SHA-256 of the current weights (see `TorchWeights.fingerprint`)."""
         self._require_model()
         return self.weights.fingerprint()
+
+    def export_master(self) -> dict[str, Any]:
+        """The fp32 master weights, parameter name -> float32 numpy array (to resync another engine)."""
+        self._require_model()
+        return {name: t.numpy().copy() for name, t in self.weights.master.items()}
+
+    def import_master(self, master: dict[str, Any]) -> str:
+        """Replaces the weights with `export_master()` output of another engine; returns the fingerprint.
+
+        Raises:
+            ValueError: the master does not match this model (names or shapes).
+        """
+        self._require_model()
+        import torch
+
+        # torch.tensor copies: arrays from Ray's object store are read-only.
+        self.weights.load_master({name: torch.tensor(array) for name, array in master.items()})
+        return self.weights.fingerprint()
+
+    def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
+        """Writes the model into `checkpoint_dir`/model (a Hugging Face directory, safetensors) and, when
+        the weights are not float32, the fp32 master into `checkpoint_dir`/master.safetensors.
+
+        Returns:
+            {"model": path, "master": path or None, "fingerprint": str}.
+        """
+        self._require_model()
+        model = self.save(str(Path(checkpoint_dir) / "model"))
+        master = None
+        if any(p.dtype != self.weights.master[name].dtype for name, p in self.weights.params.items()):
+            from safetensors.torch import save_file
+
+            master = str(Path(checkpoint_dir) / "master.safetensors")
+            save_file(self.weights.master, master)
+        return {"model": model, "master": master, "fingerprint": self.weights.fingerprint()}
 
     def save(self, out_dir: str) -> str:
         """Saves model (safetensors) and tokenizer as a Hugging Face directory, atomically (written to a

@@ -8,7 +8,9 @@ Used by the tests and as the default model when a run names none.
 
 from __future__ import annotations
 
+import operator
 import random
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from shared.countdown import make_prompt
 EOS = "<|endoftext|>"
 # The task's tags become single tokens, but ordinary (not special) ones: decoding keeps them.
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
 def _corpus(seed: int, size: int = 400) -> list[str]:
@@ -65,10 +68,13 @@ def make_tiny_model(
     num_kv_heads: int = 1,
     intermediate_size: int = 256,
     vocab_size: int = 512,
+    warm_start_steps: int = 0,
 ) -> Path:
     """Creates and saves (safetensors) a random Qwen2ForCausalLM with a local tokenizer; returns out_dir.
 
     Shapes: head_dim = hidden_size / num_heads (64 by default). Same arguments, same files' tensors.
+    `warm_start_steps` > 0 first trains it that many AdamW steps (`warm_start`) on solved Countdown
+    problems, so that it answers in the task's format and ES has rewards to work with.
 
     Raises:
         ValueError: head_dim below 64 or hidden_size not divisible by num_heads.
@@ -96,7 +102,53 @@ def make_tiny_model(
     model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if warm_start_steps:
+        warm_start(model, tokenizer, warm_start_steps, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _solved_corpus(seed: int, size: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of Countdown problems whose completion is a correct solution: the
+    numbers in prompt order joined by random operators, kept when the value is an integer in 10..100."""
+    rng = random.Random(f"warm-start/{seed}")
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < size:
+        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        expression = str(numbers[0])
+        value = Fraction(numbers[0])
+        for n in numbers[1:]:
+            op = rng.choice("+-*/")
+            expression, value = f"({expression} {op} {n})", _OPS[op](value, Fraction(n))
+        if value.denominator == 1 and 10 <= value <= 100:
+            completion = f" Let me try {expression}.</think>\n<answer>{expression}</answer>{EOS}"
+            pairs.append((make_prompt(numbers, value.numerator), completion))
+    return pairs
+
+
+def warm_start(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, steps: int, seed: int = 0
+) -> None:
+    """Trains `model` in place for `steps` AdamW steps (lr 3e-3, batch 16) on solved Countdown problems,
+    with the loss on completion tokens only. Deterministic for a seed on one machine (CPU, fp32)."""
+    pairs = _solved_corpus(seed, 512)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = [pairs[i] for i in torch.randint(len(pairs), (16,), generator=generator).tolist()]
+        prompt_lengths = [len(tokenizer(p)["input_ids"]) for p, _ in batch]
+        encoded = tokenizer(
+            [p + c for p, c in batch], return_tensors="pt", padding=True, padding_side="right"
+        )
+        labels = encoded["input_ids"].clone()
+        labels[encoded["attention_mask"] == 0] = -100
+        for row, length in enumerate(prompt_lengths):
+            labels[row, :length] = -100
+        loss = model(**encoded, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()

@@ -15,7 +15,7 @@ lives in host memory. Never a second full copy of the weights on the device.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -108,6 +108,30 @@ class TorchWeights:
             for seed, coefficient in pairs:
                 update.add_(noise_like(p, seed, name), alpha=coefficient)
             self.master[name].add_(update.cpu())
+            self._load_from_master(name, p)
+
+    @torch.no_grad()
+    def load_master(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replaces the fp32 master with `tensors` (parameter name -> tensor of the parameter's shape, any
+        float dtype, converted to float32) and writes it into the device weights. Used to resume from a
+        checkpoint's master and to resync an engine from a healthy one.
+
+        Raises:
+            RuntimeError: the weights are perturbed.
+            ValueError: the names differ from the model's parameters, or a shape differs (named).
+        """
+        if self._active is not None:
+            raise RuntimeError("cannot load a master into perturbed weights; call restore() first")
+        if set(tensors) != set(self.params):
+            missing, extra = sorted(set(self.params) - set(tensors)), sorted(set(tensors) - set(self.params))
+            raise ValueError(
+                f"master does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for name, p in self.params.items():
+            value = torch.as_tensor(tensors[name])
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"master {name!r}: shape {tuple(value.shape)}, parameter {tuple(p.shape)}")
+            self.master[name].copy_(value.to(dtype=torch.float32, device="cpu"))
             self._load_from_master(name, p)
 
     @torch.no_grad()

@@ -7,6 +7,7 @@ stateful generator:
 
   member_seed(root, iteration, index)  = H("member", root, iteration, index)
   noise_seed(member_seed, param_name)  = H("noise", member_seed, param_name)
+  prompt_rank(root, iteration, id)     = H("prompt", root, iteration, id)
 
 where H(*parts) is the first 8 bytes (big-endian) of SHA-256 over the parts joined by "/", masked to 63
 bits (so it fits a signed 64-bit integer, which `torch.Generator.manual_seed` accepts). Deriving the
@@ -40,3 +41,9 @@ def noise_seed(member: int, param_name: str) -> int:
 def split_seed_u32(seed: int) -> tuple[int, int]:
     """A 63-bit seed as (high, low) 32-bit words, e.g. as raw key data for JAX's threefry PRNG."""
     return (seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF
+
+
+def prompt_rank(root_seed: int, iteration: int, problem_id: int | str) -> int:
+    """The sort key that orders the training problems for `iteration`: each iteration's prompt batch is
+    the problems with the smallest keys, the same on every machine. An int in [0, 2**63)."""
+    return _hash("prompt", int(root_seed), int(iteration), f"{type(problem_id).__name__}:{problem_id}")

@@ -1,0 +1,102 @@
+"""The run manifest: what exactly ran, so that a result can be traced to code, lockfiles and binaries.
+
+One session entry per start (a resumed run adds one): the git revision (and whether the tree was dirty),
+sha256 of the lockfiles found under 3rdparty/python/, the engine PEX's identity, and the Python, Ray and
+package versions seen in the driver and inside every engine actor.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from driver.run_dir import sha256_file
+
+LOCKFILES_DIR = Path("3rdparty/python")
+
+
+def git_revision(cwd: Path) -> dict[str, Any] | None:
+    """{"commit": sha, "dirty": bool} of the git checkout containing `cwd`, or None outside one."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def lockfile_hashes(cwd: Path) -> dict[str, str]:
+    """sha256 of each 3rdparty/python/*.lock under `cwd` (empty outside the source tree)."""
+    return {str(p.relative_to(cwd)): sha256_file(p) for p in sorted((cwd / LOCKFILES_DIR).glob("*.lock"))}
+
+
+def engine_pex_identity(pex: Path) -> dict[str, Any]:
+    """Identity of the engine PEX: path; sha256 of the file (zipapp layout) or, for the packed and loose
+    (directory) layouts, sha256 of its PEX-INFO, which pins every wheel by hash and the project code by
+    `code_hash`; plus PEX-INFO's pex_hash and code_hash."""
+    info_path = pex / "PEX-INFO" if pex.is_dir() else None
+    identity: dict[str, Any] = {"path": str(pex), "layout": "directory" if pex.is_dir() else "file"}
+    if info_path is not None:
+        identity["pex_info_sha256"] = sha256_file(info_path)
+        info = json.loads(info_path.read_text())
+    else:
+        import zipfile
+
+        identity["sha256"] = sha256_file(pex)
+        with zipfile.ZipFile(pex) as zf:
+            info = json.loads(zf.read("PEX-INFO"))
+    identity["pex_hash"] = info.get("pex_hash")
+    identity["code_hash"] = info.get("code_hash")
+    identity["distributions"] = len(info.get("distributions", {}))
+    return identity
+
+
+def session_entry(
+    argv: list[str], pex: Path, engine_reports: list[dict[str, Any]], engine_modules: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One session of the manifest (see the module docstring). `engine_reports` are the pool's
+    readiness reports, `engine_modules` each engine's `module_versions()`."""
+    cwd = Path.cwd()
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": argv,
+        "cwd": str(cwd),
+        "git": git_revision(cwd),
+        "lockfiles": lockfile_hashes(cwd),
+        "engine_pex": engine_pex_identity(pex),
+        "driver": {
+            "python": platform.python_version(),
+            "executable": sys.executable,
+            "hostname": platform.node(),
+            "ray": ray.__version__,
+            "numpy": np.__version__,
+        },
+        "engines": [
+            {
+                "hostname": report.get("hostname"),
+                "python": report.get("python_full"),
+                "prefix": report.get("prefix"),
+                "ray": report.get("ray"),
+                "packages": report.get("packages"),
+                "modules": modules,
+            }
+            for report, modules in zip(engine_reports, engine_modules, strict=True)
+        ],
+    }

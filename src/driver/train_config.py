@@ -1,0 +1,403 @@
+"""The typed configuration of a training run, from defaults, a TOML/YAML file and the command line.
+
+Precedence: the dataclass defaults, then `--config FILE` (TOML or YAML, keys are the field names), then
+command-line options (`--population 8`). Every field is validated in `TrainConfig.__post_init__`, so an
+invalid value is rejected, naming the option, before data is read or Ray starts.
+
+ES defaults are the paper's (Qiu et al. 2025, Sec. 4: N = 30, sigma = 0.001, alpha = 0.0005, z-scored
+rewards), except sigma and alpha with the tiny default model (see TINY_SIGMA); the run length, prompts
+per member and completion length default to a short run that finishes
+in minutes on a CPU with the tiny model, and are meant to be raised for real models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from driver.strategy import SHAPINGS, StrategyConfig
+
+BACKENDS = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+DATASETS = ("generated", "reference", "hf")
+RESTORE_MODES = ("master", "subtract")
+# Qiu et al. 2025, Sec. 4 (Countdown): sigma = 0.001, alpha = 0.0005 for 0.5B-8B models.
+PAPER_SIGMA, PAPER_ALPHA = 0.001, 0.0005
+# The tiny default model (0.36 M parameters) needs a larger perturbation for members to differ at all:
+# measured on it, sigma = 0.001 leaves every member's completions unchanged, sigma = 0.01 does not.
+TINY_SIGMA, TINY_ALPHA = 0.01, 0.005
+
+# Options a resumed run may change: where and how engines run, and how long the run goes on. Everything
+# else decides the weights and must equal the interrupted run's value.
+RESUMABLE_OVERRIDES = frozenset(
+    {
+        "iterations",
+        "num_engines",
+        "engine_cpus",
+        "engine_gpus",
+        "engine_resources",
+        "engine_pex",
+        "engine_python",
+        "pex_root",
+        "build_engine",
+        "address",
+        "engine_start_timeout",
+        "resume",
+        "progress",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the option (and the file, if it came from one)."""
+
+
+def _opt(default: Any, help: str, unit: str = "", **extra: Any) -> Any:
+    metadata = {"help": help, "unit": unit, **extra}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. Units are given per field; `None` means "derived" (see help)."""
+
+    # Model and engines.
+    model_dir: str | None = _opt(
+        None,
+        "Hugging Face model directory, readable on every node; default: the tiny test model, "
+        "created under OUTPUT_DIR/base-model",
+    )
+    backend: str = _opt(
+        "cpu", "rollout backend: cpu (transformers on CPU) or cuda (transformers on a GPU)", choices=BACKENDS
+    )
+    dtype: str = _opt("float32", "weights dtype in the engines", choices=DTYPES)
+    restore_mode: str = _opt(
+        "master",
+        "how perturbations are undone: master (exact, fp32 host copy) or "
+        "subtract (the reference's, inexact in low precision)",
+        choices=RESTORE_MODES,
+    )
+    num_engines: int = _opt(2, "number of engine actors", "actors")
+    engine_cpus: float = _opt(1.0, "Ray CPUs per engine actor", "logical CPUs")
+    engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs")
+    engine_resources: dict[str, float] = _opt(
+        {}, "extra Ray resources per engine actor, NAME=AMOUNT " "(repeatable), e.g. TPU=4", "units"
+    )
+    # ES (Qiu et al. 2025, Alg. 1).
+    population: int = _opt(30, "population size N (members per iteration)", "members")
+    sigma: float | None = _opt(
+        None,
+        "perturbation scale sigma; default: 0.001 (the paper's), or 0.01 with " "the tiny default model",
+        "weight units",
+    )
+    alpha: float | None = _opt(
+        None,
+        "learning rate alpha of the update (alpha/N) * sum z_n eps_n; default: "
+        "0.0005 (the paper's), or 0.005 with the tiny default model",
+        "weight units",
+    )
+    shaping: str = _opt("zscore", "fitness shaping of member rewards", choices=SHAPINGS)
+    antithetic: bool = _opt(False, "mirrored pairs (seed, +sigma) and (seed, -sigma)")
+    iterations: int = _opt(20, "ES iterations (updates) in total", "iterations")
+    # Rollouts.
+    prompts_per_member: int = _opt(16, "Countdown problems each member is scored on per iteration", "prompts")
+    max_new_tokens: int = _opt(128, "completion length limit", "tokens")
+    batch_size: int = _opt(16, "prompts per generation batch inside an engine", "prompts")
+    # Data.
+    dataset: str = _opt(
+        "generated",
+        "Countdown source: generated (no files), reference (the ES paper's "
+        "JSON) or hf (Countdown-Tasks-3to4 rows: .json/.jsonl/.parquet)",
+        choices=DATASETS,
+    )
+    dataset_path: str | None = _opt(None, "file of the reference or hf dataset")
+    train_size: int = _opt(200, "generated problems for training (dataset=generated only)", "problems")
+    eval_size: int = _opt(64, "held-out problems for greedy evaluation, taken out of the dataset", "problems")
+    seed: int = _opt(0, "root seed of members, prompt batches, generated data and the split")
+    # Outputs.
+    output_dir: str | None = _opt(None, "run directory; default: runs/<UTC time>")
+    eval_every: int = _opt(
+        5,
+        "greedy held-out evaluation every K iterations (and before training and at "
+        "the end); 0: only before and at the end",
+        "iterations",
+    )
+    checkpoint_every: int = _opt(
+        5, "checkpoint every K iterations (and at the end); 0: only at the end", "iterations"
+    )
+    samples_per_iteration: int = _opt(4, "sample completions written per iteration", "samples")
+    resume: bool = _opt(False, "continue the run in OUTPUT_DIR from its last checkpoint")
+    progress: bool = _opt(True, "show a progress bar over members")
+    # Where engines come from.
+    engine_pex: str | None = _opt(
+        None,
+        "engine PEX; default: build it with `./pants package src/engine:engine` "
+        "when run from the source tree, else $HERMETIC_ES_ENGINE_PEX or "
+        "dist/src.engine/engine.pex",
+    )
+    build_engine: bool = _opt(
+        True, "build the engine PEX with Pants when run from the source tree and " "--engine-pex is not given"
+    )
+    engine_python: str | None = _opt(
+        None,
+        "CPython 3.12 that runs the engine PEX on every node; default: "
+        "$HERMETIC_ES_ENGINE_PYTHON or the driver's base interpreter",
+    )
+    pex_root: str | None = _opt(
+        None, "PEX_ROOT on every node; default: $HERMETIC_ES_PEX_ROOT or " "$HOME/.cache/hermetic-es/pex_root"
+    )
+    engine_start_timeout: float = _opt(
+        120.0, "seconds for engine actors to start once the PEX is " "extracted on the node", "s"
+    )
+    address: str | None = _opt(
+        None, "Ray cluster to join (e.g. auto or ray://host:10001); default: start " "a local cluster"
+    )
+
+    def __post_init__(self) -> None:
+        tiny = self.model_dir is None
+        if self.sigma is None:
+            object.__setattr__(self, "sigma", TINY_SIGMA if tiny else PAPER_SIGMA)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", TINY_ALPHA if tiny else PAPER_ALPHA)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{_flag(f.name)}: expected one of {', '.join(choices)}, got {value!r}")
+        positive = (
+            "num_engines",
+            "population",
+            "iterations",
+            "prompts_per_member",
+            "max_new_tokens",
+            "batch_size",
+            "engine_cpus",
+            "engine_start_timeout",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_flag(name)}: must be > 0, got {getattr(self, name)!r}")
+        non_negative = (
+            "engine_gpus",
+            "eval_size",
+            "eval_every",
+            "checkpoint_every",
+            "samples_per_iteration",
+            "train_size",
+            "seed",
+        )
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
+        for name in ("sigma", "alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_flag(name)}: must be a finite number > 0, got {value!r}")
+        if self.antithetic and self.population % 2:
+            raise ConfigError(f"--population: must be even with --antithetic, got {self.population}")
+        if self.dataset != "generated" and not self.dataset_path:
+            raise ConfigError(f"--dataset-path: required with --dataset {self.dataset}")
+        if self.dataset == "generated" and self.dataset_path:
+            raise ConfigError("--dataset-path: only with --dataset reference or hf (generated needs no file)")
+        if self.dataset == "generated" and self.train_size < self.prompts_per_member:
+            raise ConfigError(
+                f"--train-size: must be >= --prompts-per-member ({self.prompts_per_member}), "
+                f"got {self.train_size}"
+            )
+        for name, amount in self.engine_resources.items():
+            if not isinstance(name, str) or not isinstance(amount, int | float) or amount <= 0:
+                raise ConfigError(
+                    f"--engine-resources: expected NAME=AMOUNT with AMOUNT > 0, got {name}={amount}"
+                )
+        if self.backend == "cpu" and self.engine_gpus:
+            raise ConfigError("--engine-gpus: must be 0 with --backend cpu (use --backend cuda)")
+        if self.backend == "cuda" and not self.engine_gpus:
+            raise ConfigError("--engine-gpus: must be > 0 with --backend cuda (each engine needs a GPU)")
+        if self.resume and not self.output_dir:
+            raise ConfigError("--resume: needs --output-dir, the run to continue")
+
+    def strategy_config(self) -> StrategyConfig:
+        """The ES hyper-parameters of this run."""
+        return StrategyConfig(
+            population=self.population,
+            sigma=self.sigma,
+            alpha=self.alpha,
+            shaping=self.shaping,
+            antithetic=self.antithetic,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, JSON-serialisable."""
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _field_kind(name: str) -> type:
+    """The value type of a field: bool, int, float, str or dict (Optional[...] -> the inner type)."""
+    annotation = _FIELDS[name].type
+    for kind in (bool, int, float, dict):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str
+
+
+def _check_value(name: str, value: Any, where: str) -> Any:
+    """A file value converted to the field's type, or ConfigError naming `where` and the key."""
+    kind = _field_kind(name)
+    optional = "None" in _FIELDS[name].type
+    if value is None and optional:
+        return None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is dict:
+        ok = isinstance(value, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        )
+        value = {str(k): float(v) for k, v in value.items()} if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: key '{name}': expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML (.toml) or YAML (.yaml/.yml) file of TrainConfig fields. Returns {field: value}.
+
+    Raises:
+        ConfigError: the file is missing, unparsable, not a table, has unknown keys or mistyped values.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from e
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"--config: {path}: expected a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {e}") from e
+    except Exception as e:  # yaml.YAMLError, imported lazily
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of options, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(_FIELDS)}")
+    return {name: _check_value(name, value, str(path)) for name, value in data.items()}
+
+
+def _parse_resource(text: str) -> tuple[str, float]:
+    name, sep, amount = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
+
+
+def _optional_str(text: str) -> str | None:
+    return None if text in ("", "none", "None") else text
+
+
+def build_parser(prog: str = "train", description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one option per TrainConfig field (plus --config). Options not given are
+    absent from the parsed namespace, so that file values are not overridden by defaults."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="TOML or YAML file of options (keys: the option names with _)")
+    for f in fields(TrainConfig):
+        kind = _field_kind(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        unit = f" [{f.metadata['unit']}]" if f.metadata.get("unit") else ""
+        text = f"{f.metadata['help']}{unit}" + ("" if default is None else f" (default: {default})")
+        kwargs: dict[str, Any] = {"help": text, "dest": f.name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kwargs.update(action="append", type=_parse_resource, metavar="NAME=AMOUNT")
+        else:
+            if "None" in f.type:
+                kwargs["type"] = _optional_str if kind is str else kind
+            else:
+                kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """Merges defaults, the --config file and the given options; returns (config, names given on the
+    command line or in the file).
+
+    Raises:
+        ConfigError: see `load_config_file` and `TrainConfig`.
+    """
+    given = vars(args).copy()
+    values = load_config_file(given.pop("config")) if "config" in given else {}
+    if "engine_resources" in given:
+        given["engine_resources"] = dict(given["engine_resources"])
+    values.update(given)
+    return TrainConfig(**values), set(values)
+
+
+def merge_for_resume(
+    saved: dict[str, Any], current: TrainConfig, given: set[str], source: str
+) -> TrainConfig:
+    """The config of a resumed run: the saved run's values, with the options in RESUMABLE_OVERRIDES that
+    were given now. Other options given now must equal the saved values.
+
+    Raises:
+        ConfigError: a given option changes a value that decides the weights, or the saved config is bad.
+    """
+    merged = {}
+    for name in _FIELDS:
+        if name not in saved:
+            raise ConfigError(f"{source}: key '{name}' missing; not a config written by this version")
+        merged[name] = saved[name]
+    for name in given:
+        value = getattr(current, name)
+        if name in RESUMABLE_OVERRIDES:
+            merged[name] = value
+        elif value != merged[name]:
+            raise ConfigError(
+                f"{_flag(name)}: {value!r} differs from the run being resumed ({merged[name]!r} in "
+                f"{source}); "
+                "a resumed run keeps the hyper-parameters, data and model of the run it continues"
+            )
+    merged["resume"] = True
+    merged["output_dir"] = current.output_dir
+    return TrainConfig(**merged)

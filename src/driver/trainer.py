@@ -1,0 +1,656 @@
+"""The ES fine-tuning loop on the driver: members out to the engines, rewards in, one update to all.
+
+Per iteration k (Qiu et al. 2025, Alg. 1): the strategy asks N member seeds; every member is scored on the
+same batch of `prompts_per_member` training problems (chosen by `shared.seeds.prompt_rank`); members are
+handed to the engines dynamically (an engine that finishes takes the next member, as the reference's
+accelerated version does); the member reward is the mean Countdown reward over the batch; the strategy
+turns the shaped rewards into an update, given to every engine as (seed, coefficient) pairs; then the
+engines' weight fingerprints must agree. An engine whose fingerprint differs is resynced from a healthy
+engine (with a warning). An engine actor that dies is restarted from the engine PEX, loaded with the last
+checkpoint (or the base model) plus the updates since, and its member re-run, so the run's result does not
+depend on the failure: every member's evaluation is deterministic (seeded noise, greedy decoding, exact
+restore).
+
+Evaluation is greedy accuracy (answer reward 1) on the held-out split, unperturbed, before training,
+every `eval_every` iterations and at the end. Checkpoints are written every `checkpoint_every` iterations,
+at the end, and when the run is stopped with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import threading
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from driver.countdown_data import CountdownDataError, generate, load_hf, load_reference, split
+from driver.engine_pool import EnginePool, EngineSpec
+from driver.manifest import session_entry
+from driver.run_dir import RunDir, RunDirError, write_json_atomic
+from driver.strategy import Strategy
+from driver.train_config import ConfigError, TrainConfig, merge_for_resume
+from shared.countdown import CountdownProblem
+from shared.seeds import prompt_rank
+
+# Versions each engine reports in the manifest (distribution names).
+ENGINE_PACKAGES = ("ray", "jax", "jaxlib", "libtpu", "vllm-tpu", "tpu-inference", "torch", "transformers")
+# Module versions asked from each engine (module names; cheap ones, no TPU probing).
+ENGINE_MODULES = ("ray", "torch", "transformers", "numpy")
+# Warm-start steps of the tiny default model: measured, 55 steps leave it between not answering in the
+# task's format and always doing so, where perturbed members' rewards differ (40: never, 80: always).
+TINY_WARM_START_STEPS = 55
+# Restarts allowed per engine before the run gives up.
+MAX_RESTARTS_PER_ENGINE = 3
+# Seconds between checks for Ctrl-C while waiting on engines.
+_POLL_S = 0.5
+
+
+class Stopped(Exception):
+    """Ctrl-C was pressed: the current iteration is abandoned (raised inside the loop only)."""
+
+
+class EngineSyncError(RuntimeError):
+    """Engines disagree on the weights and could not be resynced."""
+
+
+@dataclass(frozen=True)
+class Problems:
+    """The run's Countdown problems: `train` for member rewards, `eval` held out for evaluation."""
+
+    train: list[CountdownProblem]
+    eval: list[CountdownProblem]
+
+    def digest(self) -> str:
+        """SHA-256 over the problems (ids, prompts, numbers, targets) of both splits, in order."""
+        rows = [
+            [[p.id, p.prompt, list(p.numbers), p.target] for p in part] for part in (self.train, self.eval)
+        ]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def load_problems(config: TrainConfig) -> Problems:
+    """The configured dataset, split into train and eval (`countdown_data.split`, seeded by config.seed).
+
+    Raises:
+        CountdownDataError: the dataset file is missing or malformed (naming file, row and field).
+        ConfigError: the split leaves fewer training problems than --prompts-per-member.
+    """
+    if config.dataset == "generated":
+        problems = generate(config.train_size + config.eval_size, seed=config.seed)
+    else:
+        path = Path(config.dataset_path)
+        if not path.is_file():
+            raise CountdownDataError(f"--dataset-path: {path}: no such file")
+        problems = load_reference(path) if config.dataset == "reference" else load_hf(path)
+    if config.eval_size > len(problems):
+        raise ConfigError(
+            f"--eval-size: {config.eval_size} exceeds the {len(problems)} problems of the dataset"
+        )
+    try:
+        train, held_out = split(problems, config.eval_size, seed=config.seed)
+    except ValueError as e:
+        raise CountdownDataError(f"{config.dataset_path or 'generated data'}: {e}") from e
+    if len(train) < config.prompts_per_member:
+        raise ConfigError(
+            f"--prompts-per-member: {config.prompts_per_member} exceeds the {len(train)} training problems "
+            f"left after holding out --eval-size {config.eval_size}"
+        )
+    return Problems(train=train, eval=held_out)
+
+
+def prompt_batch(
+    train: list[CountdownProblem], root_seed: int, iteration: int, size: int
+) -> list[CountdownProblem]:
+    """The `size` training problems of `iteration`: those with the smallest `prompt_rank`, in rank order."""
+    return sorted(train, key=lambda p: prompt_rank(root_seed, iteration, p.id))[:size]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Weights an engine can be rebuilt from: a model directory (plus fp32 master) after `updates`."""
+
+    updates: int
+    model_dir: str
+    master_path: str | None = None
+
+
+# Called after each member result: (trainer, iteration, member index, engine index).
+MemberHook = Callable[["Trainer", int, int, int], None]
+
+
+def open_run(
+    config: TrainConfig, problems: Problems, given: set[str] | None = None
+) -> tuple[TrainConfig, dict | None]:
+    """Checks the output directory for a new or resumed run, before anything starts.
+
+    Returns:
+        (config, resume_state): for --resume the saved config merged with the allowed overrides
+        (`merge_for_resume`) and the es_state.json of the last checkpoint (None if it has none yet).
+
+    Raises:
+        RunDirError: a new run where one exists, or --resume where none exists, or another dataset.
+        ConfigError: --resume with options that differ from the saved run's.
+    """
+    run_dir = RunDir(config.output_dir)
+    if not config.resume:
+        if run_dir.has_run():
+            raise RunDirError(
+                f"--output-dir: {run_dir.root} already holds a run; pass --resume to continue it "
+                "or choose another --output-dir"
+            )
+        return config, None
+    if not run_dir.has_run():
+        raise RunDirError(f"--resume: {run_dir.root} holds no run (no config.json)")
+    try:
+        saved = json.loads(run_dir.config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunDirError(f"--resume: {run_dir.config} is unreadable: {e}") from e
+    config = merge_for_resume(saved, config, given or set(), str(run_dir.config))
+    latest = run_dir.latest_checkpoint()
+    if latest is None:
+        return config, None
+    state = run_dir.read_checkpoint_state(latest[1])
+    if state.get("problems_digest") != problems.digest():
+        raise RunDirError(
+            f"--resume: the dataset differs from the one {latest[1]} was trained on (problems digest "
+            "mismatch); resume with the same dataset file"
+        )
+    return config, state
+
+
+class Trainer:
+    """One training run: `run()` it with Ray initialised (after `open_run` validated the output dir).
+
+    Args:
+        config: the run's configuration (from `open_run`).
+        spec: how to start the engines (from the engine PEX).
+        problems: the dataset, from `load_problems`.
+        resume_state: the last checkpoint's es_state.json when resuming (from `open_run`), else None.
+        argv: the command line, recorded in the manifest.
+        on_member_done: optional hook after each member result (tests use it to inject faults).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        spec: EngineSpec,
+        problems: Problems,
+        resume_state: dict[str, Any] | None = None,
+        argv: list[str] | None = None,
+        on_member_done: MemberHook | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = RunDir(config.output_dir)
+        self.spec = spec
+        self.problems = problems
+        self.resume_state = resume_state
+        self.argv = list(argv or [])
+        self.on_member_done = on_member_done
+        self.pool: EnginePool | None = None
+        self.strategy = Strategy(config=config.strategy_config(), root_seed=config.seed)
+        self.fingerprint: str | None = None
+        self.anchor: Anchor | None = None
+        self.restarts: Counter[int] = Counter()
+        self._stop = False
+        self._writer = None
+
+    # ---- engines -----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.config.backend == "cuda" else "cpu"
+
+    def _load(self, index: int, anchor: Anchor) -> Any:
+        return self.pool.handles[index].call.remote(
+            "load_model",
+            anchor.model_dir,
+            dtype=self.config.dtype,
+            device=self.device,
+            restore_mode=self.config.restore_mode,
+            master_path=anchor.master_path,
+        )
+
+    def _replay(self, index: int, since: int) -> str:
+        """Applies the updates recorded after `since` updates to engine `index`; returns its fingerprint."""
+        handle = self.pool.handles[index]
+        fingerprint = ray.get(handle.call.remote("fingerprint"))
+        for record in self.strategy.history[since:]:
+            fingerprint = ray.get(handle.call.remote("apply_update", record["update"]))
+        return fingerprint
+
+    def _bring_up(self, index: int, reason: str) -> None:
+        """Restarts engine `index` from the PEX and brings it to the current weights (anchor + updates
+        since), resyncing from a healthy engine if its fingerprint still differs.
+
+        Raises:
+            EngineStartError: the actor could not be restarted. EngineSyncError: too many restarts.
+        """
+        self.restarts[index] += 1
+        if self.restarts[index] > MAX_RESTARTS_PER_ENGINE:
+            raise EngineSyncError(f"engine {index} failed {self.restarts[index]} times; giving up ({reason})")
+        tqdm.write(f"warning: engine {index} {reason}; restarting it from {self.spec.pex}")
+        self.pool.restart(index)
+        ray.get(self._load(index, self.anchor))
+        fingerprint = self._replay(index, self.anchor.updates)
+        if fingerprint != self.fingerprint:
+            self._resync([index], f"after restart it has {fingerprint[:12]}")
+        tqdm.write(f"engine {index} restarted at {self.fingerprint[:12]} (updates {self.strategy.iteration})")
+
+    def _healthy(self, exclude: list[int]) -> int:
+        for i in range(len(self.pool.handles)):
+            if i not in exclude:
+                return i
+        raise EngineSyncError("no healthy engine to resync from")
+
+    def _resync(self, indices: list[int], why: str) -> None:
+        """Copies the fp32 master of a healthy engine into the engines `indices` and checks them."""
+        source = self._healthy(indices)
+        warnings.warn(
+            f"engines {indices} diverged ({why}); resyncing their weights from engine {source}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        master = self.pool.handles[source].call.remote("export_master")
+        got = ray.get([self.pool.handles[i].call.remote("import_master", master) for i in indices])
+        if any(fp != self.fingerprint for fp in got):
+            raise EngineSyncError(f"engines {indices} still differ after a resync: {got}")
+
+    def _call_one(self, index: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Calls `method` on engine `index`; if the engine died, brings it up and calls once more."""
+        try:
+            return ray.get(self.pool.handles[index].call.remote(method, *args, **kwargs))
+        except ray.exceptions.RayActorError as e:
+            self._bring_up(index, f"died during {method} ({type(e).__name__})")
+            return ray.get(self.pool.handles[index].call.remote(method, *args, **kwargs))
+
+    def _apply_update(self, update: list[tuple[int, float]]) -> None:
+        """Applies `update` on every engine and checks that all fingerprints agree. An engine that died
+        is brought up afterwards: the update is already in the history it replays."""
+        refs = [h.call.remote("apply_update", update) for h in self.pool.handles]
+        fingerprints: list[str | None] = []
+        dead = []
+        for i, ref in enumerate(refs):
+            try:
+                fingerprints.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                fingerprints.append(None)
+                dead.append((i, e))
+        if len(dead) == len(refs):
+            raise EngineSyncError("every engine died while applying the update")
+        self._check_agreement(fingerprints, "update")
+        for i, e in dead:
+            self._bring_up(i, f"died during apply_update ({type(e).__name__})")
+
+    def _check_agreement(self, fingerprints: list[str | None], when: str) -> None:
+        """Sets the run's fingerprint to the majority (ties: the lowest engine index) and resyncs the
+        engines that differ."""
+        votes = Counter(fp for fp in fingerprints if fp is not None)
+        majority = votes.most_common(1)[0][0]
+        if self.fingerprint is not None and majority != self.fingerprint and when != "update":
+            raise EngineSyncError(f"engines hold {majority[:12]} {when}, expected {self.fingerprint[:12]}")
+        self.fingerprint = majority
+        odd = [i for i, fp in enumerate(fingerprints) if fp is not None and fp != majority]
+        if odd:
+            self._resync(odd, f"fingerprints {[fingerprints[i][:12] for i in odd]} != {majority[:12]} {when}")
+
+    def _run_tasks(
+        self, tasks: list[tuple[str, tuple, dict]], bar: tqdm, on_done: Callable[[int, int], None]
+    ) -> list[Any]:
+        """Runs (method, args, kwargs) tasks over the engines, one in flight per engine, the next task to
+        the first free engine. A task whose engine died is re-run after the engine is brought up.
+
+        Raises:
+            Stopped: Ctrl-C. Engine errors other than a dead actor propagate.
+        """
+        queue = deque(range(len(tasks)))
+        free = deque(range(len(self.pool.handles)))
+        in_flight: dict[Any, tuple[int, int]] = {}
+        results: list[Any] = [None] * len(tasks)
+        while queue or in_flight:
+            while queue and free:
+                engine, task = free.popleft(), queue.popleft()
+                method, args, kwargs = tasks[task]
+                in_flight[self.pool.handles[engine].call.remote(method, *args, **kwargs)] = (task, engine)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
+            if self._stop:
+                raise Stopped
+            for ref in done:
+                task, engine = in_flight.pop(ref)
+                try:
+                    results[task] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    queue.appendleft(task)
+                    self._bring_up(engine, f"died during task {task} ({type(e).__name__})")
+                else:
+                    bar.update(1)
+                    on_done(task, engine)
+                free.append(engine)
+        return results
+
+    # ---- outputs -----------------------------------------------------------------------------------
+
+    def _scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self._writer.add_scalar(f"{prefix}/{name}", value, step)
+        self._writer.flush()
+
+    def _checkpoint(self) -> Path:
+        updates = self.strategy.iteration
+        with self.run_dir.new_checkpoint(updates) as tmp:
+            saved = self._call_one(0, "save_checkpoint", str(tmp))
+            if saved["fingerprint"] != self.fingerprint:
+                raise EngineSyncError(
+                    f"engine 0 saved {saved['fingerprint'][:12]}, expected {self.fingerprint[:12]}"
+                )
+            (tmp / "es_state.json").write_text(
+                json.dumps(
+                    {
+                        "updates": updates,
+                        "fingerprint": self.fingerprint,
+                        "strategy": self.strategy.state_dict(),
+                        "problems_digest": self.problems.digest(),
+                        "has_master": saved["master"] is not None,
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        path = self.run_dir.checkpoint_path(updates)
+        self.anchor = Anchor(
+            updates, str(path / "model"), str(path / "master.safetensors") if saved["master"] else None
+        )
+        return path
+
+    def evaluate(self, bar_desc: str = "eval") -> dict[str, Any]:
+        """Greedy, unperturbed scores on the held-out split, spread over the engines in batches.
+
+        Returns:
+            {"accuracy": share of answer reward 1, "reward_mean", "format", "tokens", "problems": int,
+            "samples": first completions}.
+        """
+        problems = self.problems.eval
+        if not problems:
+            return {"problems": 0}
+        size = self.config.batch_size
+        chunks = [problems[i : i + size] for i in range(0, len(problems), size)]
+        tasks = [("evaluate", (chunk, self.config.max_new_tokens), {"num_samples": 1}) for chunk in chunks]
+        with tqdm(total=len(tasks), desc=bar_desc, leave=False, disable=not self.config.progress) as bar:
+            results = self._run_tasks(tasks, bar, lambda task, engine: None)
+        answers = [a for r in results for a in r["answers"]]
+        return {
+            "problems": len(answers),
+            "accuracy": float(np.mean(answers)),
+            "reward_mean": float(np.mean([x for r in results for x in r["rewards"]])),
+            "format": float(np.mean([x for r in results for x in r["formats"]])),
+            "tokens": int(sum(r["tokens"] for r in results)),
+            "samples": [s for r in results for s in r["samples"]][: self.config.samples_per_iteration],
+        }
+
+    def _eval_and_log(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = self.evaluate()
+        if not result["problems"]:
+            return result
+        seconds = time.perf_counter() - started
+        updates = self.strategy.iteration
+        row = {"kind": "eval", "updates": updates, "seconds": {"eval": seconds}}
+        row.update({k: v for k, v in result.items() if k != "samples"})
+        self.run_dir.append_jsonl(self.run_dir.metrics, [row])
+        self.run_dir.append_jsonl(
+            self.run_dir.samples, [{"kind": "eval", "updates": updates, **s} for s in result["samples"]]
+        )
+        self._scalars("eval", {"accuracy": result["accuracy"], "reward_mean": result["reward_mean"]}, updates)
+        tqdm.write(
+            f"eval after {updates:4d} updates: accuracy {result['accuracy']:.3f} on {result['problems']} "
+            f"held-out problems, reward {result['reward_mean']:.3f} ({seconds:.1f} s)"
+        )
+        return result
+
+    def evaluate_model(self, model_dir: str, master_path: str | None = None) -> dict[str, Any]:
+        """Starts the engines, loads `model_dir` (and an fp32 master), evaluates it on the held-out split
+        (see `evaluate`) and stops the engines. Ray must be initialised.
+
+        Raises:
+            EngineStartError: engines could not start. EngineSyncError: engines loaded different weights.
+        """
+        try:
+            self.pool = EnginePool.start(self.spec, check=False)
+            self.anchor = Anchor(0, model_dir, master_path)
+            loaded = ray.get([self._load(i, self.anchor) for i in range(len(self.pool.handles))])
+            self._check_agreement([r["fingerprint"] for r in loaded], "after loading the model")
+            return {"fingerprint": self.fingerprint, **self.evaluate()}
+        finally:
+            self.pool.shutdown()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _iteration(self, bar: tqdm) -> dict[str, Any]:
+        """One ES iteration; returns its metrics row."""
+        config = self.config
+        k = self.strategy.iteration
+        members = self.strategy.ask()
+        batch_ref = ray.put(prompt_batch(self.problems.train, config.seed, k, config.prompts_per_member))
+        tasks = [
+            (
+                "evaluate",
+                (batch_ref, config.max_new_tokens),
+                {
+                    "seed": m.seed,
+                    "sign": m.sign,
+                    "sigma": config.sigma,
+                    "batch_size": config.batch_size,
+                    "num_samples": 1,
+                },
+            )
+            for m in members
+        ]
+        started = time.perf_counter()
+
+        def on_done(task: int, engine: int) -> None:
+            if self.on_member_done is not None:
+                self.on_member_done(self, k, task, engine)
+
+        results = self._run_tasks(tasks, bar, on_done)
+        rollout_s = time.perf_counter() - started
+        rewards = np.array([np.mean(r["rewards"]) for r in results])
+        started = time.perf_counter()
+        update = self.strategy.tell(rewards)
+        self._apply_update(update)
+        update_s = time.perf_counter() - started
+        engine_seconds = {
+            phase: float(sum(r["seconds"][phase] for r in results))
+            for phase in ("perturb", "generate", "restore")
+        }
+        samples = [
+            {
+                "kind": "train",
+                "iteration": k,
+                "member": m.index,
+                "seed": m.seed,
+                "sign": m.sign,
+                **r["samples"][0],
+            }
+            for m, r in list(zip(members, results, strict=True))[: config.samples_per_iteration]
+            if r["samples"]
+        ]
+        self.run_dir.append_jsonl(self.run_dir.samples, samples)
+        return {
+            "kind": "train",
+            "iteration": k,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "reward_max": float(rewards.max()),
+            "reward_min": float(rewards.min()),
+            "accuracy": float(np.mean([a for r in results for a in r["answers"]])),
+            "format": float(np.mean([f for r in results for f in r["formats"]])),
+            "tokens": int(sum(r["tokens"] for r in results)),
+            "fingerprint": self.fingerprint,
+            "seconds": {
+                "rollout": rollout_s,
+                "update": update_s,
+                **{f"engine_{p}": s for p, s in engine_seconds.items()},
+            },
+        }
+
+    def _start(self) -> None:
+        """Writes the config, starts the engines, loads the model (or the checkpoint), writes the manifest."""
+        config, run_dir = self.config, self.run_dir
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            write_json_atomic(run_dir.config, config.to_dict())
+        tqdm.write(f"starting {self.spec.num_engines} engines from {self.spec.pex}")
+        self.pool = EnginePool.start(self.spec, check=False, report_packages=ENGINE_PACKAGES)
+        base = config.model_dir or str(run_dir.base_model)
+        if config.model_dir is None:
+            tqdm.write(
+                f"creating the tiny default model in {base} ({TINY_WARM_START_STEPS} warm-start steps)"
+            )
+            self._call_one(0, "make_tiny_model", base, seed=0, warm_start_steps=TINY_WARM_START_STEPS)
+        self.anchor = Anchor(0, base)
+        if self.resume_state is not None:
+            self.strategy = Strategy.from_state_dict(self.resume_state["strategy"])
+            path = run_dir.checkpoint_path(self.resume_state["updates"])
+            master = path / "master.safetensors" if self.resume_state["has_master"] else None
+            self.anchor = Anchor(
+                self.resume_state["updates"], str(path / "model"), str(master) if master else None
+            )
+            self.fingerprint = self.resume_state["fingerprint"]
+        loaded = ray.get([self._load(i, self.anchor) for i in range(len(self.pool.handles))])
+        self._check_agreement([r["fingerprint"] for r in loaded], "after loading the model")
+        modules = self.pool.call("module_versions", ENGINE_MODULES)
+        manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.exists() else {"sessions": []}
+        manifest["sessions"].append(session_entry(self.argv, self.spec.pex, self.pool.reports, modules))
+        write_json_atomic(run_dir.manifest, manifest)
+        # A resumed run without a checkpoint starts over; one with a checkpoint drops what came after it.
+        run_dir.truncate_to(self.anchor.updates if self.resume_state is not None else -1)
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=self.anchor.updates or None)
+        tqdm.write(
+            f"model {base if self.resume_state is None else self.anchor.model_dir}: "
+            f"{loaded[0]['parameters']:,} parameters, fingerprint {self.fingerprint[:12]}; "
+            f"{len(self.problems.train)} train / {len(self.problems.eval)} eval problems; "
+            f"starting at update {self.strategy.iteration} of {config.iterations}"
+        )
+
+    def _logged_iteration(self, bar: tqdm) -> None:
+        """Runs one iteration, checkpoints when due, and writes its metrics row, scalars and line."""
+        config = self.config
+        started = time.perf_counter()
+        row = self._iteration(bar)
+        updates = self.strategy.iteration
+        if (
+            config.checkpoint_every and updates % config.checkpoint_every == 0
+        ) or updates == config.iterations:
+            tick = time.perf_counter()
+            self._checkpoint()
+            row["seconds"]["checkpoint"] = time.perf_counter() - tick
+        row["seconds"]["iteration"] = time.perf_counter() - started
+        self.run_dir.append_jsonl(self.run_dir.metrics, [row])
+        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "iteration"}
+        self._scalars("train", scalars, row["iteration"])
+        self._scalars("seconds", row["seconds"], row["iteration"])
+        tqdm.write(
+            f"iteration {row['iteration']:4d}: reward mean {row['reward_mean']:.4f} "
+            f"max {row['reward_max']:.4f}, "
+            f"accuracy {row['accuracy']:.3f}, format {row['format']:.3f}, {row['tokens']} tokens, "
+            f"{row['seconds']['iteration']:.1f} s"
+        )
+
+    @contextlib.contextmanager
+    def _sigint_stops(self):
+        """While active, the first Ctrl-C requests a clean stop; a second one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop:
+                raise KeyboardInterrupt
+            self._stop = True
+            tqdm.write("Ctrl-C: stopping; writing what was done (press Ctrl-C again to abort)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def request_stop(self) -> None:
+        """Asks the loop to stop as Ctrl-C does (abandon the current iteration, checkpoint, return)."""
+        self._stop = True
+
+    def run(self) -> dict[str, Any]:
+        """Runs the remaining iterations. Ray must be initialised.
+
+        Returns:
+            {"status": "completed" | "stopped", "updates": int, "fingerprint": str, "output_dir": str,
+            "last_checkpoint": path or None, "final_eval": eval result or None}.
+
+        Raises:
+            EnginePreflightError / EngineStartError: engines could not start.
+            EngineSyncError: engines could not be kept in sync.
+        """
+        config = self.config
+        status = "completed"
+        final_eval = None
+        try:
+            with self._sigint_stops():
+                self._start()
+                fresh = self.resume_state is None
+                ran = False
+                try:
+                    if fresh:
+                        self._eval_and_log()
+                    with tqdm(
+                        total=config.population, leave=False, disable=not config.progress, unit="member"
+                    ) as bar:
+                        while self.strategy.iteration < config.iterations:
+                            bar.reset()
+                            bar.set_description(f"iteration {self.strategy.iteration}")
+                            self._logged_iteration(bar)
+                            ran = True
+                            if self._stop:
+                                raise Stopped
+                            updates = self.strategy.iteration
+                            if (
+                                config.eval_every
+                                and updates % config.eval_every == 0
+                                and updates < config.iterations
+                            ):
+                                self._eval_and_log()
+                    if ran or fresh:
+                        final_eval = self._eval_and_log()
+                    else:
+                        tqdm.write(f"nothing to do: the run already has {self.strategy.iteration} updates")
+                except Stopped:
+                    status = "stopped"
+                    self._stop = False
+                    if self.strategy.iteration > self.anchor.updates:
+                        self._checkpoint()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+            if self.pool is not None:
+                self.pool.shutdown()
+        latest = self.run_dir.latest_checkpoint()
+        return {
+            "status": status,
+            "updates": self.strategy.iteration,
+            "fingerprint": self.fingerprint,
+            "output_dir": str(self.run_dir.root),
+            "last_checkpoint": str(latest[1]) if latest else None,
+            "final_eval": final_eval,
+        }

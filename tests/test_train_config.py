@@ -1,0 +1,146 @@
+"""Training configuration: defaults, files, command line, and errors before anything starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+
+from driver import train
+from driver.train_config import (
+    PAPER_ALPHA,
+    PAPER_SIGMA,
+    TINY_SIGMA,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    load_config_file,
+    merge_for_resume,
+)
+
+
+def parse(*argv: str) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(list(argv)))[0]
+
+
+def test_defaults_are_the_papers_for_a_given_model_and_tiny_values_for_the_tiny_model():
+    given = parse("--model-dir", "/models/qwen")
+    assert (given.population, given.sigma, given.alpha, given.shaping) == (
+        30,
+        PAPER_SIGMA,
+        PAPER_ALPHA,
+        "zscore",
+    )
+    assert parse().sigma == TINY_SIGMA
+    assert parse("--sigma", "0.02").sigma == 0.02
+
+
+def test_help_lists_every_option_with_default_and_unit(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--population", "--sigma", "--alpha", "--num-engines", "--max-new-tokens", "--resume"):
+        assert flag in text
+    assert "[members] (default: 30)" in text
+    assert "[tokens] (default: 128)" in text
+
+
+def test_file_then_command_line(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('population = 8\nsigma = 0.5\nengine_resources = { TPU = 4 }\ndataset = "generated"\n')
+    config = parse("--config", str(toml), "--sigma", "0.25")
+    assert (config.population, config.sigma, config.engine_resources) == (8, 0.25, {"TPU": 4.0})
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("population: 6\nantithetic: true\n")
+    assert parse("--config", str(yaml)).antithetic is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--population", "0"], "--population: must be > 0"),
+        (["--sigma", "-1"], "--sigma: must be a finite number > 0"),
+        (["--sigma", "nan"], "--sigma: must be a finite number > 0"),
+        (["--antithetic", "--population", "5"], "--population: must be even with --antithetic"),
+        (["--dataset", "reference"], "--dataset-path: required with --dataset reference"),
+        (["--engine-gpus", "1"], "--engine-gpus: must be 0 with --backend cpu"),
+        (["--resume"], "--resume: needs --output-dir"),
+        (["--train-size", "4", "--prompts-per-member", "8"], "--train-size: must be >= --prompts-per-member"),
+    ],
+)
+def test_invalid_values_name_the_option(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse(*argv)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("population = 'many'\n", "key 'population': expected int"),
+        ("sigmaa = 0.1\n", r"unknown key\(s\) \['sigmaa'\]"),
+        ("population = \n", "not valid TOML"),
+        ("antithetic = 1\n", "key 'antithetic': expected bool"),
+    ],
+)
+def test_bad_config_files_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_resume_keeps_the_runs_hyper_parameters():
+    saved = parse("--output-dir", "runs/a").to_dict()
+    longer = merge_for_resume(
+        saved, parse("--output-dir", "runs/a", "--iterations", "40"), {"iterations"}, "c"
+    )
+    assert (longer.iterations, longer.sigma, longer.resume) == (40, saved["sigma"], True)
+    with pytest.raises(ConfigError, match="--sigma: 0.5 differs from the run being resumed"):
+        merge_for_resume(saved, parse("--output-dir", "runs/a", "--sigma", "0.5"), {"sigma"}, "c")
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    status = train.main(list(argv))
+    return status, capsys.readouterr().err
+
+
+def test_bad_config_fails_before_ray_starts(capsys, tmp_path):
+    status, err = run_main(capsys, "--population", "-3", "--output-dir", str(tmp_path / "run"))
+    assert status == train.EXIT_INVALID
+    assert "--population: must be > 0" in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_dataset_file_fails_before_ray_starts(capsys, tmp_path):
+    rows = [{"id": 0, "context": "p", "numbers": [1, 2, 3], "target": "6", "solution": None}]
+    rows.append({"id": 1, "context": "p", "numbers": [1, "two", 3], "target": "6", "solution": None})
+    bad = tmp_path / "countdown.json"
+    bad.write_text(json.dumps(rows))
+    status, err = run_main(
+        capsys, "--dataset", "reference", "--dataset-path", str(bad), "--output-dir", str(tmp_path / "r")
+    )
+    assert status == train.EXIT_INVALID
+    assert f"{bad}: row 1: field 'numbers'" in err
+    assert not ray.is_initialized()
+
+    status, err = run_main(capsys, "--dataset", "hf", "--dataset-path", str(tmp_path / "missing.parquet"))
+    assert status == train.EXIT_INVALID
+    assert "missing.parquet: no such file" in err
+    assert not ray.is_initialized()
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    status, err = run_main(capsys, "--output-dir", str(run), "--resume")
+    assert status == train.EXIT_INVALID
+    assert "holds no run" in err
+    (run / "config.json").write_text(json.dumps(parse("--output-dir", str(run)).to_dict()))
+    status, err = run_main(capsys, "--output-dir", str(run))
+    assert status == train.EXIT_INVALID
+    assert "already holds a run; pass --resume" in err
+    assert not ray.is_initialized()
