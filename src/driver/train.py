@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
             it to inject faults.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Progress lines must reach a log file as they happen, not when a block buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser(prog="train", description=__doc__.split("\n\n")[1])
     args = parser.parse_args(argv)
     try:

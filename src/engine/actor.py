@@ -7,6 +7,7 @@ only through `EngineHost.call(method, ...)`, by method name, sending seeds, scal
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -19,6 +20,27 @@ from shared.countdown import CountdownProblem, reward
 
 # Modules whose presence and version the engine reports (module name, not distribution name).
 ENGINE_MODULES = ("ray", "jax", "jaxlib", "vllm", "tpu_inference", "torch", "transformers", "numpy")
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path):
+    """Yields a temporary sibling of `out` to fill; on success it replaces `out` (an existing `out` is
+    moved aside first and deleted after), on an exception it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _quiet_transformers() -> None:
@@ -67,14 +89,8 @@ class EngineActor:
         _quiet_transformers()
         out = Path(out_dir)
         if not (out / "config.json").exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-            try:
+            with _atomic_dir(out) as tmp:
                 make_tiny_model(tmp, seed=seed, warm_start_steps=warm_start_steps)
-                os.replace(tmp, out)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         return str(out)
 
     def load_model(
@@ -212,20 +228,7 @@ class EngineActor:
         temporary sibling, then renamed over `out_dir`). Returns out_dir."""
         self._require_model()
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
+        with _atomic_dir(out) as tmp:
             self.backend.model.save_pretrained(tmp, safe_serialization=True)
             self.backend.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return str(out)
