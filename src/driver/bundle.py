@@ -1,0 +1,179 @@
+"""`./pants run src/driver:bundle -- [--out dist/bundle] [--vm-python PATH]`: the release bundle.
+
+A bundle is a directory that holds everything a TPU VM needs besides its CPython 3.12:
+    train.pex                the driver PEX (zipapp)
+    prepare-engine.pex       pre-extracts the engine PEX (zipapp)
+    engine.pex/              the engine PEX (packed layout: one zip per wheel, so that an update that
+                             changes only project code re-sends only the small code zip)
+    install.py               the stdlib-only installer that verifies the bundle on each host
+    bundle-manifest.json     sha256 and size of every file, the bundle id, lockfile hashes, git revision,
+                             the versions locked (Python, Ray, JAX, libtpu, vLLM), the interpreter path the
+                             hosts must have
+The PEX files are built by `./pants package` (nested, as `train` builds the engine). A bundle is
+reproducible: the same commit and lockfiles give the same file table and id (tools/check_reproducible.sh
+rebuilds with empty caches and compares sha256s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from driver import host_install
+from driver.engine_build import EngineBuildError, source_tree
+from driver.manifest import git_revision, lockfile_hashes
+from driver.run_dir import write_json_atomic
+
+# Bundle file name -> (Pants target, path under dist/).
+ARTIFACTS = {
+    "train.pex": ("src/driver:train", "src.driver/train.pex"),
+    "prepare-engine.pex": ("src/driver:prepare-engine", "src.driver/prepare-engine.pex"),
+    "engine.pex": ("src/engine:engine", "src.engine/engine.pex"),
+}
+# Distributions whose locked versions the manifest records, per resolve.
+LOCKED = {
+    "driver": ("ray", "numpy"),
+    "engine": ("ray", "jax", "jaxlib", "libtpu", "vllm-tpu", "tpu-inference", "torch"),
+}
+# Where the hosts' CPython 3.12 is expected unless --vm-python says otherwise.
+DEFAULT_VM_PYTHON = "/usr/bin/python3.12"
+
+
+class BundleError(RuntimeError):
+    """The bundle could not be built or described."""
+
+
+def locked_versions(lockfile: Path, names: tuple[str, ...]) -> dict[str, str | None]:
+    """{distribution: version} of `names` in a Pants lockfile (None where absent).
+
+    Raises:
+        BundleError: the lockfile is unreadable.
+    """
+    try:
+        body = "\n".join(line for line in lockfile.read_text().splitlines() if not line.startswith("//"))
+        locked = json.loads(body)["locked_resolves"][0]["locked_requirements"]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BundleError(f"{lockfile}: not a readable Pants lockfile: {e}") from e
+    versions = {r["project_name"]: r["version"] for r in locked}
+    return {name: versions.get(name) for name in names}
+
+
+def make_manifest(bundle: Path, root: Path, vm_python: str, artifacts: list[str]) -> dict[str, Any]:
+    """The manifest of the bundle directory `bundle` (whose artifacts are named `artifacts`), built from
+    the source tree at `root`."""
+    files = host_install.file_table(bundle)
+    lockdir = root / "3rdparty/python"
+    return {
+        "format": 1,
+        "id": host_install.bundle_id(files),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": git_revision(root),
+        "lockfiles": lockfile_hashes(root),
+        "locked": {
+            resolve: locked_versions(lockdir / f"{resolve}.lock", names) for resolve, names in LOCKED.items()
+        },
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "vm_python": vm_python,
+        "artifacts": {
+            name: {
+                "files": sum(1 for rel in files if rel == name or rel.startswith(name + "/")),
+                "size": sum(
+                    f["size"] for rel, f in files.items() if rel == name or rel.startswith(name + "/")
+                ),
+            }
+            for name in artifacts
+        },
+        "files": files,
+    }
+
+
+def assemble(
+    dist: Path, out: Path, root: Path, vm_python: str, artifacts: dict[str, tuple[str, str]] = ARTIFACTS
+) -> dict[str, Any]:
+    """Copies the built artifacts from `dist` and the installer into a new bundle at `out` (replacing
+    an older one atomically) and writes its manifest. Returns the manifest.
+
+    Args:
+        artifacts: bundle name -> (Pants target, path under `dist`); tests substitute small PEX files.
+
+    Raises:
+        BundleError: an artifact is missing from `dist`.
+    """
+    missing = [str(dist / rel) for _, rel in artifacts.values() if not (dist / rel).exists()]
+    if missing:
+        targets = " ".join(t for t, _ in artifacts.values())
+        raise BundleError(f"not built: {missing}; run ./pants package {targets}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for name, (_, rel) in artifacts.items():
+            source = dist / rel
+            if source.is_dir():
+                shutil.copytree(source, tmp / name, symlinks=False)
+            else:
+                shutil.copy2(source, tmp / name)
+        shutil.copy2(host_install.__file__, tmp / host_install.INSTALLER)
+        manifest = make_manifest(tmp, root, vm_python, list(artifacts))
+        write_json_atomic(tmp / host_install.MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def build(root: Path) -> Path:
+    """Runs `./pants package` of every artifact in `root`; returns root/dist.
+
+    Raises:
+        EngineBuildError: Pants failed.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
+    env["PANTS_CONCURRENT"] = "True"
+    targets = [target for target, _ in ARTIFACTS.values()]
+    proc = subprocess.run(["./pants", "package", *targets], cwd=root, env=env, check=False)
+    if proc.returncode != 0:
+        raise EngineBuildError(
+            f"`./pants package {' '.join(targets)}` failed (exit status {proc.returncode})"
+        )
+    return root / "dist"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns the exit status (0 built, 1 failed, 2 not in the source tree)."""
+    parser = argparse.ArgumentParser(prog="bundle", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path("dist/bundle"), help="bundle directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--vm-python", default=DEFAULT_VM_PYTHON, help="CPython 3.12 on the hosts (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    root = source_tree()
+    if root is None:
+        print("bundle: run from the repository root (./pants run src/driver:bundle)", file=sys.stderr)
+        return 2
+    try:
+        manifest = assemble(build(root), args.out.absolute(), root, args.vm_python)
+    except (BundleError, EngineBuildError, OSError) as e:
+        print(f"bundle: {e}", file=sys.stderr)
+        return 1
+    total = sum(f["size"] for f in manifest["files"].values())
+    print(f"bundle {manifest['id']}: {len(manifest['files'])} files, {total / 1e9:.2f} GB in {args.out}")
+    for name, artifact in manifest["artifacts"].items():
+        print(f"  {name}: {artifact['files']} files, {artifact['size'] / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

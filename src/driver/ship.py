@@ -1,0 +1,213 @@
+"""`./pants run src/driver:ship -- --bundle dist/bundle --transport T --dest DIR ...`: ship a bundle.
+
+Each host receives the bundle into DEST/.staging-<id>/, then runs the bundle's own `install.py` there,
+which verifies every file against the manifest before anything runs, renames the staging directory to
+DEST/releases/<id>, points DEST/current at it and (with --prepare, the default) extracts the engine PEX so
+that actors start warm. A host whose files do not verify is reported and keeps its previous release.
+
+Transports:
+  local   DEST is a directory on this machine (shared filesystems, tests); files unchanged since the
+          current release are hard-linked from it instead of copied.
+  ssh     rsync over ssh to each --host; `--link-dest` makes unchanged files (by checksum) links to the
+          current release, so only changed files cross the network.
+  gcloud  TPU VM workers of --tpu in --zone: `gcloud compute tpus tpu-vm scp --worker=all` (the whole
+          bundle: scp has no delta) and `gcloud compute tpus tpu-vm ssh --worker=all` for the installer.
+`--dry-run` prints the commands without running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from driver import host_install
+
+TRANSPORTS = ("local", "ssh", "gcloud")
+
+
+class ShipError(RuntimeError):
+    """The bundle could not be read, or a command of the transport failed."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle directory and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: Path) -> Bundle:
+        """Reads and checks a bundle directory.
+
+        Raises:
+            ShipError: no manifest, or the files do not match it (the problems listed).
+        """
+        try:
+            manifest = json.loads((path / host_install.MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise ShipError(f"{path}: not a bundle ({host_install.MANIFEST}: {e})") from e
+        problems = host_install.verify(path, manifest)
+        if problems:
+            raise ShipError(f"{path} does not match its manifest:\n" + "\n".join(f"  {p}" for p in problems))
+        return cls(path.absolute(), manifest)
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+
+def installer_args(staging: str, dest: str, python: str, pex_root: str, prepare: bool) -> list[str]:
+    """argv of the bundle's installer on a host (run with the host's `python`)."""
+    args = [python, f"{staging}/{host_install.INSTALLER}", "--staging", staging, "--dest", dest]
+    args += ["--python", python, "--pex-root", pex_root]
+    return [*args, "--prepare"] if prepare else args
+
+
+def stage_local(bundle: Bundle, dest: Path) -> tuple[Path, int, int]:
+    """Copies the bundle into dest/.staging-<id>, hard-linking files whose sha256 equals the current
+    release's copy. Returns (staging dir, files copied, files linked)."""
+    staging = dest / f".staging-{bundle.id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    current = dest / "current"
+    try:
+        previous = json.loads((current / host_install.MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        previous = {}
+    copied = linked = 0
+    for rel, meta in bundle.manifest["files"].items():
+        target = staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if previous.get(rel) == meta:
+            os.link((current / rel).resolve(), target)
+            linked += 1
+        else:
+            shutil.copy2(bundle.path / rel, target)
+            copied += 1
+    shutil.copy2(bundle.path / host_install.MANIFEST, staging / host_install.MANIFEST)
+    return staging, copied, linked
+
+
+def ssh_commands(
+    bundle: Bundle, host: str, dest: str, python: str, pex_root: str, prepare: bool, ssh: str = "ssh"
+) -> list[list[str]]:
+    """The commands that ship `bundle` to `host` over ssh: mkdir, rsync (delta against the current
+    release), the installer. `ssh` is the ssh command line (e.g. "ssh -F cfg"), also used by rsync."""
+    staging = f"{dest}/.staging-{bundle.id}"
+    remote = shlex.split(ssh)
+    return [
+        [*remote, host, shlex.join(["mkdir", "-p", staging])],
+        [
+            "rsync", "--archive", "--checksum", "--delete", f"--link-dest={dest}/current/",
+            "--rsh", ssh, f"{bundle.path}/", f"{host}:{staging}/",
+        ],
+        [*remote, host, shlex.join(installer_args(staging, dest, python, pex_root, prepare))],
+    ]  # fmt: skip
+
+
+def gcloud_commands(
+    bundle: Bundle, tpu: str, zone: str, dest: str, python: str, pex_root: str, prepare: bool
+) -> list[list[str]]:
+    """The commands that ship `bundle` to every worker of TPU VM `tpu` in `zone`."""
+    staging = f"{dest}/.staging-{bundle.id}"
+    base = ["gcloud", "compute", "tpus", "tpu-vm"]
+    where = [f"--zone={zone}", "--worker=all"]
+    return [
+        [*base, "ssh", tpu, *where, f"--command={shlex.join(['mkdir', '-p', dest])}"],
+        [*base, "scp", "--recurse", *where, str(bundle.path), f"{tpu}:{staging}"],
+        [
+            *base,
+            "ssh",
+            tpu,
+            *where,
+            f"--command={shlex.join(installer_args(staging, dest, python, pex_root, prepare))}",
+        ],
+    ]
+
+
+def run(commands: list[list[str]], dry_run: bool) -> None:
+    """Runs each command (or prints it with `dry_run`).
+
+    Raises:
+        ShipError: a command failed (its exit status and command line included).
+    """
+    for command in commands:
+        print("$ " + shlex.join(command))
+        if not dry_run:
+            proc = subprocess.run(command, check=False)
+            if proc.returncode != 0:
+                raise ShipError(f"failed with exit status {proc.returncode}: {shlex.join(command)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; returns 0 when every host installed the bundle, 1 when any failed."""
+    parser = argparse.ArgumentParser(prog="ship", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("dist/bundle"), help="default: %(default)s")
+    parser.add_argument("--transport", choices=TRANSPORTS, required=True)
+    parser.add_argument(
+        "--dest",
+        action="append",
+        required=True,
+        help="install root on the hosts (local: one per host directory, repeatable)",
+    )
+    parser.add_argument("--host", action="append", default=[], help="ssh: a host (repeatable)")
+    parser.add_argument("--ssh", default="ssh", help="ssh: the ssh command line (default: %(default)s)")
+    parser.add_argument("--tpu", help="gcloud: TPU VM name")
+    parser.add_argument("--zone", help="gcloud: zone")
+    parser.add_argument("--python", help="CPython 3.12 on the hosts; default: the manifest's vm_python")
+    parser.add_argument("--pex-root", default=host_install.DEFAULT_PEX_ROOT, help="default: %(default)s")
+    parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip engine extraction")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(argv)  # fmt: skip
+    if args.transport == "ssh" and (not args.host or len(args.dest) != 1):
+        parser.error("--transport ssh needs --host (repeatable) and exactly one --dest")
+    if args.transport == "gcloud" and (not args.tpu or not args.zone or len(args.dest) != 1):
+        parser.error("--transport gcloud needs --tpu, --zone and exactly one --dest")
+    try:
+        bundle = Bundle.open(args.bundle)
+    except ShipError as e:
+        print(f"ship: {e}", file=sys.stderr)
+        return 1
+    python = args.python or bundle.manifest["vm_python"]
+    failed = []
+    targets = {"local": args.dest, "ssh": args.host, "gcloud": [args.tpu]}[args.transport]
+    for target in targets:
+        print(f"== {target}: bundle {bundle.id}")
+        try:
+            if args.transport == "local":
+                dest = Path(target).absolute()
+                dest.mkdir(parents=True, exist_ok=True)
+                if args.dry_run:
+                    print(f"(dry run) would stage {bundle.path} into {dest}/.staging-{bundle.id}")
+                    continue
+                staging, copied, linked = stage_local(bundle, dest)
+                print(f"staged {copied} files copied, {linked} unchanged files linked")
+                run([installer_args(str(staging), str(dest), python, args.pex_root, args.prepare)], False)
+            elif args.transport == "ssh":
+                run(
+                    ssh_commands(bundle, target, args.dest[0], python, args.pex_root, args.prepare, args.ssh),
+                    args.dry_run,
+                )
+            else:
+                commands = gcloud_commands(
+                    bundle, target, args.zone, args.dest[0], python, args.pex_root, args.prepare
+                )
+                run(commands, args.dry_run)
+        except (ShipError, OSError) as e:
+            print(f"ship: {target}: {e}", file=sys.stderr)
+            failed.append(target)
+    if failed:
+        print(f"ship: not installed on {failed}; their previous release is unchanged", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
