@@ -51,6 +51,7 @@ def test_manifest_describes_every_file(built):
     assert manifest["locked"]["driver"]["ray"] == manifest["locked"]["engine"]["ray"]
     assert set(manifest["lockfiles"]) == {f"3rdparty/python/{r}.lock" for r in ("driver", "engine", "tools")}
     assert manifest["vm_python"] == sys.executable
+    assert manifest["python"] == json.loads(Path("3rdparty/pins.json").read_text())["python"]
     assert manifest["artifacts"]["engine.pex"]["files"] >= 1
 
 

@@ -43,12 +43,24 @@ LOCKED = {
     "driver": ("ray", "numpy"),
     "engine": ("ray", "jax", "jaxlib", "libtpu", "vllm-tpu", "tpu-inference", "torch"),
 }
-# Where the hosts' CPython 3.12 is expected unless --vm-python says otherwise.
-DEFAULT_VM_PYTHON = "/usr/bin/python3.12"
+# The single source of the Python versions and the hosts' interpreter path (see tests/test_pins.py).
+PINS = Path("3rdparty/pins.json")
 
 
 class BundleError(RuntimeError):
     """The bundle could not be built or described."""
+
+
+def read_pins(root: Path) -> dict[str, str]:
+    """The pins file of the source tree at `root`: {"python", "pants_python", "vm_python"}.
+
+    Raises:
+        BundleError: missing or unreadable.
+    """
+    try:
+        return json.loads((root / PINS).read_text())
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{root / PINS}: unreadable pins file: {e}") from e
 
 
 def locked_versions(lockfile: Path, names: tuple[str, ...]) -> dict[str, str | None]:
@@ -80,7 +92,7 @@ def make_manifest(bundle: Path, root: Path, vm_python: str, artifacts: list[str]
         "locked": {
             resolve: locked_versions(lockdir / f"{resolve}.lock", names) for resolve, names in LOCKED.items()
         },
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "python": read_pins(root)["python"],
         "vm_python": vm_python,
         "artifacts": {
             name: {
@@ -156,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=Path("dist/bundle"), help="bundle directory (default: %(default)s)"
     )
     parser.add_argument(
-        "--vm-python", default=DEFAULT_VM_PYTHON, help="CPython 3.12 on the hosts (default: %(default)s)"
+        "--vm-python", help="CPython 3.12 on the hosts (default: vm_python of 3rdparty/pins.json)"
     )
     args = parser.parse_args(argv)
     root = source_tree()
@@ -164,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bundle: run from the repository root (./pants run src/driver:bundle)", file=sys.stderr)
         return 2
     try:
-        manifest = assemble(build(root), args.out.absolute(), root, args.vm_python)
+        vm_python = args.vm_python or read_pins(root)["vm_python"]
+        manifest = assemble(build(root), args.out.absolute(), root, vm_python)
     except (BundleError, EngineBuildError, OSError) as e:
         print(f"bundle: {e}", file=sys.stderr)
         return 1
