@@ -108,13 +108,20 @@ def make_manifest(bundle: Path, root: Path, vm_python: str, artifacts: list[str]
 
 
 def assemble(
-    dist: Path, out: Path, root: Path, vm_python: str, artifacts: dict[str, tuple[str, str]] = ARTIFACTS
+    dist: Path,
+    out: Path,
+    root: Path,
+    vm_python: str,
+    artifacts: dict[str, tuple[str, str]] = ARTIFACTS,
+    link: bool = False,
 ) -> dict[str, Any]:
     """Copies the built artifacts from `dist` and the installer into a new bundle at `out` (replacing
     an older one atomically) and writes its manifest. Returns the manifest.
 
     Args:
         artifacts: bundle name -> (Pants target, path under `dist`); tests substitute small PEX files.
+        link: hard-link instead of copying, for a `dist` that is never modified in place (a test
+            sandbox); never for ./dist, which Pants rewrites.
 
     Raises:
         BundleError: an artifact is missing from `dist`.
@@ -128,10 +135,11 @@ def assemble(
     try:
         for name, (_, rel) in artifacts.items():
             source = dist / rel
+            copy = os.link if link else shutil.copy2
             if source.is_dir():
-                shutil.copytree(source, tmp / name, symlinks=False)
+                shutil.copytree(source, tmp / name, symlinks=False, copy_function=copy)
             else:
-                shutil.copy2(source, tmp / name)
+                copy(source, tmp / name)
         shutil.copy2(host_install.__file__, tmp / host_install.INSTALLER)
         manifest = make_manifest(tmp, root, vm_python, list(artifacts))
         write_json_atomic(tmp / host_install.MANIFEST, manifest)

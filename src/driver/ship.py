@@ -71,9 +71,20 @@ def installer_args(staging: str, dest: str, python: str, pex_root: str, prepare:
     return [*args, "--prepare"] if prepare else args
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-links `source` to `target` when both are on one filesystem, else copies it. Safe because
+    bundles and releases are never modified in place (they are replaced as whole directories), and the
+    installer verifies every file anyway."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def stage_local(bundle: Bundle, dest: Path) -> tuple[Path, int, int]:
-    """Copies the bundle into dest/.staging-<id>, hard-linking files whose sha256 equals the current
-    release's copy. Returns (staging dir, files copied, files linked)."""
+    """Puts the bundle into dest/.staging-<id>: files whose sha256 equals the current release's copy are
+    hard links to it; the others come from the bundle (hard-linked on the same filesystem, else copied).
+    Returns (staging dir, files from the bundle, files linked to the current release)."""
     staging = dest / f".staging-{bundle.id}"
     shutil.rmtree(staging, ignore_errors=True)
     current = dest / "current"
@@ -89,7 +100,7 @@ def stage_local(bundle: Bundle, dest: Path) -> tuple[Path, int, int]:
             os.link((current / rel).resolve(), target)
             linked += 1
         else:
-            shutil.copy2(bundle.path / rel, target)
+            _link_or_copy(bundle.path / rel, target)
             copied += 1
     shutil.copy2(bundle.path / host_install.MANIFEST, staging / host_install.MANIFEST)
     return staging, copied, linked
