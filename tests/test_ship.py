@@ -72,6 +72,7 @@ def test_ship_to_two_hosts_installs_verified_and_prepared(built, tmp_path, capfd
         assert not list(host.glob(".staging-*"))
     assert out.count("engine venv ready:") == 2
     assert "ray_head: PEX_SCRIPT=ray" in out
+    assert f"--pex-root {PEX_ROOT}" in out and "~" not in out
     # The shipped driver PEX runs on the host's interpreter.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")} | {"PEX_ROOT": PEX_ROOT}
     train_pex = str(hosts[0] / "current" / "train.pex")

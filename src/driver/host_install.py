@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pex-root", default=DEFAULT_PEX_ROOT, help="PEX_ROOT for the engine venv")
     parser.add_argument("--prepare", action="store_true", help="pre-extract the engine PEX")
     args = parser.parse_args(argv)
+    # Expanded here, on the host: the printed commands must not carry a quoted, unexpandable "~".
+    args.pex_root = os.path.expandvars(os.path.expanduser(args.pex_root))
     try:
         release = install(args.staging.absolute(), args.dest.absolute())
         print(f"installed {release} (verified every file); {args.dest / 'current'} -> {release.name}")
