@@ -90,12 +90,16 @@ def test_ship_to_two_hosts_installs_verified_and_prepared(built, tmp_path, capfd
     assert built.manifest["locked"]["driver"]["ray"] in proc.stdout
 
 
-def changed_copy(bundle: ship.Bundle, dest: Path) -> ship.Bundle:
-    """A copy of `bundle` whose installer differs by one comment line (a new release)."""
-    import shutil
-
-    shutil.copytree(bundle.path, dest)
-    (dest / host_install.INSTALLER).write_text((dest / host_install.INSTALLER).read_text() + "# release 2\n")
+def changed_copy(bundle: ship.Bundle, dest: Path, changed: str = host_install.INSTALLER) -> ship.Bundle:
+    """A copy of `bundle` in which one file differs (a new release): a comment appended to the installer,
+    or bytes appended to another file."""
+    shutil.copytree(bundle.path, dest, copy_function=shutil.copy2)
+    if changed == host_install.INSTALLER:
+        (dest / changed).write_text((dest / changed).read_text() + "# release 2\n")
+    else:
+        data = (dest / changed).read_bytes()
+        (dest / changed).unlink()
+        (dest / changed).write_bytes(data + b"release 2")
     manifest = dict(bundle.manifest, files=host_install.file_table(dest))
     manifest["id"] = host_install.bundle_id(manifest["files"])
     (dest / host_install.MANIFEST).write_text(json.dumps(manifest))
@@ -140,7 +144,7 @@ def test_a_bundle_that_does_not_match_its_manifest_is_not_shipped(built, tmp_pat
     assert not (tmp_path / "h").exists()
 
 
-def test_ssh_and_gcloud_commands(built):
+def test_ssh_commands(built):
     python = "/usr/bin/python3.12"
     mkdir, rsync, install = ship.ssh_commands(built, "vm-1", "/opt/hes", python, "~/.cache/p", True)
     staging = f"/opt/hes/.staging-{built.id}"
@@ -154,15 +158,6 @@ def test_ssh_and_gcloud_commands(built):
         f"{python} {staging}/install.py --staging {staging} --dest /opt/hes --python {python} "
         "--pex-root '~/.cache/p' --prepare"
     )
-    commands = ship.gcloud_commands(built, "tpu-a", "us-central2-b", "/opt/hes", python, "~/.cache/p", False)
-    assert commands[1] == [
-        "gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", "--zone=us-central2-b", "--worker=all",
-        str(built.path), f"tpu-a:{staging}",
-    ]  # fmt: skip
-    assert commands[2][:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-a", "--zone=us-central2-b"]
-    assert commands[2][7] == "--worker=all"
-    assert commands[2][8].startswith(f"--command={python} {staging}/install.py")
-    assert "--prepare" not in commands[2][8]
 
 
 @pytest.fixture
@@ -223,3 +218,81 @@ def test_ship_over_ssh_to_a_real_sshd(built, sshd, tmp_path):
     same = "train.pex"
     first_copy = dest / "releases" / built.id / same
     assert (dest / "current" / same).stat().st_ino == first_copy.stat().st_ino
+
+
+FAKE_GCLOUD = """#!{python}
+# Stands in for `gcloud compute tpus tpu-vm scp/ssh`: worker i's filesystem is FAKE_TPU_WORKERS[i] + path.
+import os, shlex, shutil, subprocess, sys
+args = sys.argv[1:]
+assert args[:3] == ["compute", "tpus", "tpu-vm"], args
+verb, rest = args[3], args[4:]
+roots, dest = os.environ["FAKE_TPU_WORKERS"].split(":"), os.environ["FAKE_TPU_DEST"]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
+    log.write(shlex.join(args) + "\\n")
+worker = next(a.split("=", 1)[1] for a in rest if a.startswith("--worker="))
+chosen = roots if worker == "all" else [roots[int(worker)]]
+for root in chosen:
+    if verb == "scp":
+        *sources, target = [a for a in rest if not a.startswith("--")]
+        path = target.split(":", 1)[1].replace(dest, root + dest, 1)
+        for source in sources:
+            shutil.copy(source, path)
+    else:
+        command = next(a.split("=", 1)[1] for a in rest if a.startswith("--command="))
+        status = subprocess.run(["bash", "-c", command.replace(dest, root + dest)]).returncode
+        if status:
+            sys.exit(status)
+"""
+
+
+def test_gcloud_ships_only_what_changed_to_every_worker(built, tmp_path, monkeypatch, capfd):
+    bin_dir, log = tmp_path / "bin", tmp_path / "gcloud.log"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
+    (bin_dir / "gcloud").chmod(0o755)
+    workers = [tmp_path / "worker-0", tmp_path / "worker-1"]
+    dest = "/opt/hes"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_TPU_WORKERS", ":".join(map(str, workers)))
+    monkeypatch.setenv("FAKE_TPU_DEST", dest)
+    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+
+    def ship_gcloud(bundle: ship.Bundle) -> int:
+        args = [
+            "--bundle",
+            str(bundle.path),
+            "--transport",
+            "gcloud",
+            "--tpu",
+            "tpu-a",
+            "--zone",
+            "us-central2-b",
+        ]
+        return ship.main([*args, f"--dest={dest}", "--python", sys.executable, "--no-prepare"])
+
+    assert ship_gcloud(built) == 0
+    files = len(built.manifest["files"])
+    assert f"sending {files - 1} of {files} files" in capfd.readouterr().out
+    for root in workers:
+        assert host_install.verify(root / "opt/hes/current", built.manifest) == []
+
+    second = changed_copy(built, tmp_path / "bundle-2", changed="prepare-engine.pex")
+    assert ship_gcloud(second) == 0
+    assert f"sending 1 of {files} files" in capfd.readouterr().out
+    for root in workers:
+        current = root / "opt/hes/current"
+        assert current.resolve().name == second.id
+        assert (current / "train.pex").stat().st_ino == (
+            root / "opt/hes/releases" / built.id / "train.pex"
+        ).stat().st_ino
+    assert "--worker=0" in log.read_text()
+
+    # A worker whose current release is not worker 0's lacks files: it fails verification, keeps its
+    # release, and the ship reports the failure.
+    third = changed_copy(second, tmp_path / "bundle-3", changed="train.pex")
+    (workers[1] / "opt/hes/current").unlink()
+    (workers[1] / "opt/hes/current").symlink_to(Path("releases") / built.id)
+    assert ship_gcloud(third) == 1
+    assert (workers[0] / "opt/hes/current").resolve().name == third.id
+    assert (workers[1] / "opt/hes/current").resolve().name == built.id
+    assert "prepare-engine.pex: missing" in capfd.readouterr().err

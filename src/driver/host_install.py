@@ -7,7 +7,9 @@ This file is copied into every bundle as `install.py` and runs on the target hos
     DEST/current                 symlink to the release in use, switched atomically
     DEST/.staging-<bundle id>/   where a transport writes an incoming bundle
 
-`python3.12 install.py --staging DEST/.staging-ID --dest DEST [--prepare]`:
+`python3.12 install.py --staging DEST/.staging-ID --dest DEST [--prepare] [--fill-from-current]`:
+  0. with --fill-from-current, hard-links the files the current release has unchanged (same sha256), so a
+     sender only transfers the others (`--missing` prints their list, as JSON, and does nothing else);
   1. checks every file listed in staging's bundle-manifest.json (sha256 and size) and that nothing else is
      there; on any mismatch it prints the files that fail, deletes the staging directory and exits 1,
      leaving DEST/current as it was;
@@ -93,6 +95,41 @@ def switch_current(dest: Path, release: Path) -> None:
     os.replace(tmp, link)
 
 
+def _current_files(dest: Path) -> dict[str, dict[str, object]]:
+    try:
+        return json.loads((dest / "current" / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def missing_files(staging: Path, dest: Path) -> list[str]:
+    """Files of the staged manifest that neither staging nor the current release (same sha256) has:
+    what a sender must still transfer."""
+    wanted = json.loads((staging / MANIFEST).read_text())["files"]
+    current = _current_files(dest)
+    return [
+        rel
+        for rel, meta in sorted(wanted.items())
+        if not (staging / rel).exists() and current.get(rel) != meta
+    ]
+
+
+def fill_from_current(staging: Path, dest: Path) -> int:
+    """Hard-links into `staging` each file of its manifest that is absent there and that the current
+    release has with the same sha256 (per the current manifest); returns how many. `verify` still checks
+    every byte afterwards."""
+    wanted = json.loads((staging / MANIFEST).read_text())["files"]
+    current = _current_files(dest)
+    linked = 0
+    for rel, meta in wanted.items():
+        target = staging / rel
+        if not target.exists() and current.get(rel) == meta:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link((dest / "current" / rel).resolve(), target)
+            linked += 1
+    return linked
+
+
 def install(staging: Path, dest: Path) -> Path:
     """Verifies `staging` and makes it the current release; returns the release directory.
 
@@ -161,11 +198,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="CPython 3.12 that runs the PEX files")
     parser.add_argument("--pex-root", default=DEFAULT_PEX_ROOT, help="PEX_ROOT for the engine venv")
     parser.add_argument("--prepare", action="store_true", help="pre-extract the engine PEX")
+    parser.add_argument(
+        "--missing", action="store_true", help="only print (JSON) the files the sender must still send"
+    )
+    parser.add_argument(
+        "--fill-from-current",
+        action="store_true",
+        help="first hard-link unchanged files from the current release",
+    )
     args = parser.parse_args(argv)
     # Expanded here, on the host: the printed commands must not carry a quoted, unexpandable "~".
     args.pex_root = os.path.expandvars(os.path.expanduser(args.pex_root))
+    staging, dest = args.staging.absolute(), args.dest.absolute()
+    if args.missing:
+        try:
+            print(json.dumps(missing_files(staging, dest)))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"install: {staging / MANIFEST}: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
-        release = install(args.staging.absolute(), args.dest.absolute())
+        if args.fill_from_current:
+            print(f"linked {fill_from_current(staging, dest)} unchanged files from {dest / 'current'}")
+        release = install(staging, dest)
         print(f"installed {release} (verified every file); {args.dest / 'current'} -> {release.name}")
         if args.prepare:
             print(f"engine venv ready: {prepare(release, args.python, args.pex_root)}")

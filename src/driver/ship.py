@@ -10,8 +10,9 @@ Transports:
           current release are hard-linked from it instead of copied.
   ssh     rsync over ssh to each --host; `--link-dest` makes unchanged files (by checksum) links to the
           current release, so only changed files cross the network.
-  gcloud  TPU VM workers of --tpu in --zone: `gcloud compute tpus tpu-vm scp --worker=all` (the whole
-          bundle: scp has no delta) and `gcloud compute tpus tpu-vm ssh --worker=all` for the installer.
+  gcloud  TPU VM workers of --tpu in --zone, with `gcloud compute tpus tpu-vm scp/ssh --worker=all`: worker
+          0 lists what its current release lacks, only those files are sent (one tar), and each worker
+          hard-links the rest from its current release before verifying (see `gcloud_ship`).
 `--dry-run` prints the commands without running them.
 """
 
@@ -24,6 +25,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,24 +126,79 @@ def ssh_commands(
     ]  # fmt: skip
 
 
-def gcloud_commands(
-    bundle: Bundle, tpu: str, zone: str, dest: str, python: str, pex_root: str, prepare: bool
-) -> list[list[str]]:
-    """The commands that ship `bundle` to every worker of TPU VM `tpu` in `zone`."""
+def gcloud_ship(
+    bundle: Bundle,
+    tpu: str,
+    zone: str,
+    dest: str,
+    python: str,
+    pex_root: str,
+    prepare: bool,
+    dry_run: bool = False,
+    gcloud: str = "gcloud",
+) -> None:
+    """Ships `bundle` to every worker of TPU VM `tpu` with `gcloud compute tpus tpu-vm scp/ssh`, sending
+    only what changed: the manifest and installer go first; worker 0 says which files its current
+    release lacks (`install.py --missing`); only those go, as one tar, to every worker, whose installer
+    hard-links the rest from its current release (`--fill-from-current`) and verifies every file. A worker
+    whose current release differs from worker 0's fails verification and keeps its release.
+
+    Raises:
+        ShipError: a gcloud command failed, or worker 0's answer was not a JSON list.
+    """
     staging = f"{dest}/.staging-{bundle.id}"
-    base = ["gcloud", "compute", "tpus", "tpu-vm"]
-    where = [f"--zone={zone}", "--worker=all"]
-    return [
-        [*base, "ssh", tpu, *where, f"--command={shlex.join(['mkdir', '-p', dest])}"],
-        [*base, "scp", "--recurse", *where, str(bundle.path), f"{tpu}:{staging}"],
+    base = [gcloud, "compute", "tpus", "tpu-vm"]
+
+    def ssh(worker: str, command: list[str]) -> list[str]:
+        return [*base, "ssh", tpu, f"--zone={zone}", f"--worker={worker}", f"--command={shlex.join(command)}"]
+
+    def scp(sources: list[str], target: str) -> list[str]:
+        return [*base, "scp", f"--zone={zone}", "--worker=all", *sources, f"{tpu}:{target}"]
+
+    installer = [python, f"{staging}/{host_install.INSTALLER}", "--staging", staging, "--dest", dest]
+    run([ssh("all", ["mkdir", "-p", staging])], dry_run)
+    run(
         [
-            *base,
-            "ssh",
-            tpu,
-            *where,
-            f"--command={shlex.join(installer_args(staging, dest, python, pex_root, prepare))}",
+            scp(
+                [str(bundle.path / host_install.MANIFEST), str(bundle.path / host_install.INSTALLER)],
+                f"{staging}/",
+            )
         ],
-    ]
+        dry_run,
+    )
+    ask = ssh("0", [*installer, "--missing"])
+    if dry_run:
+        print("$ " + shlex.join(ask))
+        missing = sorted(bundle.manifest["files"])
+    else:
+        print("$ " + shlex.join(ask))
+        proc = subprocess.run(ask, capture_output=True, text=True, check=False)
+        try:
+            missing = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert isinstance(missing, list)
+        except (IndexError, ValueError, AssertionError):
+            raise ShipError(
+                f"worker 0 did not list the missing files (exit {proc.returncode}): {proc.stderr[-2000:]}"
+            ) from None
+    missing = [rel for rel in missing if rel != host_install.INSTALLER]
+    size = sum(bundle.manifest["files"][rel]["size"] for rel in missing)
+    print(f"sending {len(missing)} of {len(bundle.manifest['files'])} files ({size / 1e6:.1f} MB)")
+    unpack: list[str] = []
+    if missing:
+        with tempfile.TemporaryDirectory() as tmp:
+            tar = Path(tmp) / "delta.tar"
+            if not dry_run:
+                with tarfile.open(tar, "w") as archive:
+                    for rel in missing:
+                        archive.add(bundle.path / rel, arcname=rel)
+            run([scp([str(tar)], f"{staging}/")], dry_run)
+        unpack = ["tar", "-x", "-f", f"{staging}/delta.tar", "-C", staging]
+    finish = [*installer, "--python", python, "--pex-root", pex_root, "--fill-from-current"]
+    finish += ["--prepare"] if prepare else []
+    script = " && ".join(
+        shlex.join(c) for c in ([unpack, ["rm", f"{staging}/delta.tar"]] if unpack else []) + [finish]
+    )
+    run([[*base, "ssh", tpu, f"--zone={zone}", "--worker=all", f"--command={script}"]], dry_run)
 
 
 def run(commands: list[list[str]], dry_run: bool) -> None:
@@ -207,10 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                     args.dry_run,
                 )
             else:
-                commands = gcloud_commands(
-                    bundle, target, args.zone, args.dest[0], python, args.pex_root, args.prepare
+                gcloud_ship(
+                    bundle, target, args.zone, args.dest[0], python, args.pex_root, args.prepare, args.dry_run
                 )
-                run(commands, args.dry_run)
         except (ShipError, OSError) as e:
             print(f"ship: {target}: {e}", file=sys.stderr)
             failed.append(target)
