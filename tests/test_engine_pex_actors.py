@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +55,29 @@ def test_two_engines_start_from_the_engine_pex(ray_cluster):
         assert [p["engine_id"] for p in pool.call("ping")] == [0, 1]
     finally:
         pool.shutdown()
+
+
+def test_doctor_passes_inside_the_engine_pex():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
+    env |= {"PEX_ROOT": PEX_ROOT, "PEX_MODULE": "engine.doctor"}
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE_PEX), "--driver-ray", ray.__version__],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for line in (
+        "jax           0.11.2",
+        "libtpu        0.0.48",
+        "vllm-tpu      0.32.0",
+        "tpu-inference 0.32.0",
+    ):
+        assert line in out
+    assert "[ok] jax 0.11.2 requires libtpu==0.0.48.*" in out
+    assert "[ok] tpu-inference 0.32.0 requires libtpu==0.0.48" in out
+    assert "[ok] vLLM flavour: TPU" in out and "[ok] no torch_xla" in out
+    # JAX_PLATFORMS=cpu in tests: JAX reports the CPU rather than probing for a TPU.
+    assert re.search(r"devices/jax\s+.*cpu", out, re.IGNORECASE), out

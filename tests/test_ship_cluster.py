@@ -9,10 +9,12 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,9 +87,12 @@ def test_one_es_iteration_on_two_nodes_with_the_shipped_engine(hosts, tmp_path):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     address = f"127.0.0.1:{port}"
+    # Its own temp dir: `ray start --head` records the cluster address in TEMP_DIR/ray_current_cluster,
+    # where any other test's `ray.init()` on this machine would find and join it (and it outlives SIGTERM).
+    temp_dir = tempfile.mkdtemp(prefix="hes-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
     nodes = [
         ray_node(host_a, "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                 "--resources", json.dumps({"host_a": 1}), env=env),
+                 f"--temp-dir={temp_dir}", "--resources", json.dumps({"host_a": 1}), env=env),
     ]  # fmt: skip
     try:
         wait_for_nodes(address, 1, nodes)
@@ -116,6 +121,7 @@ def test_one_es_iteration_on_two_nodes_with_the_shipped_engine(hosts, tmp_path):
     finally:
         for node in reversed(nodes):
             stop(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["iteration"] for r in rows] == [0]
     manifest = json.loads((out / "manifest.json").read_text())
