@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from driver.run_dir import sha256_file
+# The installer's hash function (stdlib only, shipped in every bundle); one implementation for both.
+from driver.host_install import sha256_file
 
 LOCKFILES_DIR = Path("3rdparty/python")
 

@@ -20,7 +20,6 @@ OUTPUT_DIR must be on storage that the driver and the first engine share (always
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -71,15 +70,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {number}: not valid JSON: {e}") from e
     return rows
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class RunDir:
