@@ -36,13 +36,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    """The real bundle (hard links to the sandbox's PEX files), shipped to host-a and host-b."""
+    """The real bundle (hard links to the sandbox's PEX files), shipped to host-a and host-b. Deleted
+    afterwards: once Pants removes the sandbox, these links would be the engine PEX's only copy (~5 GB)
+    and pytest keeps the last three runs' temporary directories."""
     root = tmp_path_factory.mktemp("cluster")
     built = bundle_mod.assemble(Path.cwd(), root / "bundle", Path.cwd(), sys.executable, link=True)
     hosts = [root / "host-a", root / "host-b"]
     args = ["--bundle", str(root / "bundle"), "--transport", "local", "--python", sys.executable]
     assert ship.main([*args, "--pex-root", PEX_ROOT, *(f"--dest={h}" for h in hosts)]) == 0
-    return built, hosts
+    yield built, hosts
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def ray_node(host: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
