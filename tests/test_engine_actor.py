@@ -39,3 +39,16 @@ def test_evaluate_update_fingerprint_and_save(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(saved, local_files_only=True, dtype=torch.float32)
     assert TorchWeights(reloaded).fingerprint() == updated
     assert not list(tmp_path.glob(".checkpoint.*")), "no temporary directories left behind"
+
+
+def test_restore_modes_master_and_device_give_the_same_members(tmp_path):
+    """restore_mode "device" (the GPU option) scores members and applies updates exactly as "master"."""
+    engines = [EngineActor(engine_id=i) for i in range(2)]
+    model_dir = engines[0].make_tiny_model(str(tmp_path / "model"), seed=1)
+    results = []
+    for engine, mode in zip(engines, ("master", "device"), strict=True):
+        loaded = engine.load_model(model_dir, restore_mode=mode, deterministic=True)
+        member = engine.evaluate(problems(), max_new_tokens=6, seed=7, sigma=0.05)
+        assert engine.fingerprint() == loaded["fingerprint"]
+        results.append((member["rewards"], member["samples"], engine.apply_update([(7, 1e-3)])))
+    assert results[0] == results[1]

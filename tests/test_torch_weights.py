@@ -47,10 +47,11 @@ def test_same_shaped_parameters_get_different_noise(model_dir):
     assert torch.equal(noise_like(params[first], 9, first), noise_like(params[first], 9, first))
 
 
+@pytest.mark.parametrize("restore_mode", ["master", "device"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_perturb_then_restore_is_bit_identical(model_dir, dtype):
+def test_perturb_then_restore_is_bit_identical(model_dir, dtype, restore_mode):
     model = load(model_dir, dtype)
-    weights, base = TorchWeights(model), snapshot(model)
+    weights, base = TorchWeights(model, restore_mode=restore_mode), snapshot(model)
     for seed in range(5):
         weights.perturb(seed, 0.001, sign=-1 if seed % 2 else 1)
         assert not bit_equal(snapshot(model), base)
@@ -112,6 +113,23 @@ def test_engines_with_the_same_updates_agree_and_a_diverged_one_is_detected(mode
         param = next(iter(b.params.values()))
         param.view(-1)[0] = torch.nextafter(param.view(-1)[0], torch.tensor(float("inf")))
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_device_copy_restore_follows_updates_exactly_as_the_master(model_dir):
+    """restore_mode "device" keeps its copy in step with every update and master load: through perturb,
+    restore and updates in bf16 it stays bit-identical to the default mode."""
+    master = TorchWeights(load(model_dir, torch.bfloat16))
+    device = TorchWeights(load(model_dir, torch.bfloat16), restore_mode="device")
+    for step in range(3):
+        for weights in (master, device):
+            weights.perturb(40 + step, 0.01)
+            weights.restore()
+            weights.apply_update([(60 + step, 2e-3), (70 + step, -1e-3)])
+        assert master.fingerprint() == device.fingerprint()
+    device.load_master({name: torch.zeros_like(t) for name, t in device.master.items()})
+    device.perturb(1, 0.01)
+    device.restore()
+    assert all(torch.count_nonzero(p) == 0 for p in device.params.values())
 
 
 def test_misuse_is_refused(model_dir):

@@ -47,6 +47,15 @@ def test_help_lists_every_option_with_default_and_unit(capsys):
     assert "[tokens] (default: 128)" in text
 
 
+def test_engine_weight_options():
+    default = parse()
+    assert (default.restore_mode, default.deterministic) == ("master", True)
+    config = parse("--restore-mode", "device", "--no-deterministic")
+    assert (config.restore_mode, config.deterministic) == ("device", False)
+    with pytest.raises(SystemExit):
+        parse("--restore-mode", "undo")
+
+
 def test_file_then_command_line(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('population = 8\nsigma = 0.5\nengine_resources = { TPU = 4 }\ndataset = "generated"\n')

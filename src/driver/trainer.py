@@ -220,6 +220,7 @@ class Trainer:
             device=self.device,
             restore_mode=self.config.restore_mode,
             master_path=anchor.master_path,
+            deterministic=self.config.deterministic,
         )
 
     def _replay(self, index: int, since: int) -> str:

@@ -100,10 +100,15 @@ class EngineActor:
         device: str = "cpu",
         restore_mode: str = "master",
         master_path: str | None = None,
+        deterministic: bool = False,
     ) -> dict[str, Any]:
         """Loads the model with the transformers backend on `device` ("cpu", "cuda").
 
         Args:
+            restore_mode: `engine.torch_weights.RESTORE_MODES`.
+            deterministic: on a GPU, turn on deterministic kernels for this process first
+                (`engine.hf_backend.use_deterministic_kernels`); needed for reproducible GPU rollouts.
+                CPU kernels are left as they are (already reproducible: the resume and fault tests).
             master_path: a checkpoint's `master.safetensors` (fp32 weights, written when `dtype` is not
                 float32); loaded over the model's weights so that a resumed run continues bit-exactly.
 
@@ -113,10 +118,12 @@ class EngineActor:
         Raises:
             OSError: the directory lacks model or tokenizer files. ValueError: the master does not match.
         """
-        from engine.hf_backend import HFBackend
+        from engine.hf_backend import HFBackend, use_deterministic_kernels
         from engine.torch_weights import TorchWeights
 
         _quiet_transformers()
+        if deterministic and device != "cpu":
+            use_deterministic_kernels()
         self.backend = HFBackend(model_dir, dtype=dtype, device=device)
         self.weights = TorchWeights(self.backend.model, restore_mode=restore_mode)
         if master_path:

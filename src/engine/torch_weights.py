@@ -9,7 +9,12 @@ rewards) are not rounded away in bf16. The reference's subtract-to-restore (`p -
 as `restore_mode="subtract"`; in bf16 it drifts (measured by the tests and the benchmark).
 
 Memory: one parameter's noise at a time lives on the device; the master copy (4 bytes per parameter)
-lives in host memory. Never a second full copy of the weights on the device.
+lives in host memory (page-locked when the weights are on a GPU, for faster host-to-device copies). In the
+default modes there is never a second full copy of the weights on the device. `restore_mode="device"`
+trades one for speed: it keeps the unperturbed weights, in their own dtype, on the device and restores
+with one device-to-device copy instead of a host-to-device copy of the fp32 master (on a GPU the latter is
+bound by PCIe, ~50x slower than device memory; measured by `bench/gpu_check.py`). It is exact too: the
+copy is the fp32 master rounded to the parameter dtype, i.e. exactly what "master" writes back.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from shared.seeds import noise_seed
 
-RESTORE_MODES = ("master", "subtract")
+RESTORE_MODES = ("master", "subtract", "device")
 
 
 def noise_like(param: torch.Tensor, member_seed: int, name: str) -> torch.Tensor:
@@ -36,8 +41,10 @@ class TorchWeights:
 
     Args:
         model: the module whose `named_parameters()` are perturbed (all of them, in name order).
-        restore_mode: "master" (exact: copy back from the fp32 host master) or "subtract" (the reference:
-            subtract the same noise again, which is inexact in low precision).
+        restore_mode: "master" (exact: copy back from the fp32 host master), "device" (exact: copy back
+            from an unperturbed copy of the weights kept on the device; one more set of parameters in
+            device memory, much faster on GPUs) or "subtract" (the reference: subtract the same noise
+            again, which is inexact in low precision).
 
     Raises:
         ValueError: unknown restore_mode.
@@ -48,15 +55,26 @@ class TorchWeights:
             raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
         self.restore_mode = restore_mode
         self.params = dict(sorted(model.named_parameters()))
-        self.master = {
-            name: p.detach().to(device="cpu", dtype=torch.float32, copy=True)
-            for name, p in self.params.items()
-        }
+        pin = any(p.device.type == "cuda" for p in self.params.values())
+        self.master = {}
+        for name, p in self.params.items():
+            master = p.detach().to(device="cpu", dtype=torch.float32, copy=True)
+            self.master[name] = master.pin_memory() if pin else master
+        # restore_mode "device": the unperturbed weights in their dtype, on their device.
+        self.device_copy = (
+            {name: p.detach().clone() for name, p in self.params.items()}
+            if restore_mode == "device"
+            else None
+        )
         self._active: tuple[int, float] | None = None  # (seed, sign * sigma) of the applied perturbation
 
     def _load_from_master(self, name: str, p: torch.Tensor) -> None:
-        """Writes the fp32 master of one parameter into its device tensor (rounded to its dtype)."""
-        p.copy_(self.master[name].to(device=p.device, dtype=p.dtype))
+        """Writes the fp32 master of one parameter into its device tensor (rounded to its dtype), and into
+        the device copy in restore_mode "device"."""
+        # Transfer in fp32, round on the parameter's device (a host-side cast first is ~3x slower on GPUs).
+        p.copy_(self.master[name].to(device=p.device))
+        if self.device_copy is not None:
+            self.device_copy[name].copy_(p)
 
     @property
     def perturbed(self) -> bool:
@@ -80,14 +98,16 @@ class TorchWeights:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undoes `perturb`: copy from the master (exact), or subtract the noise again (mode "subtract").
-        No-op when not perturbed."""
+        """Undoes `perturb`: copy from the master or the device copy (exact), or subtract the noise again
+        (mode "subtract"). No-op when not perturbed."""
         if self._active is None:
             return
         seed, scale = self._active
         for name, p in self.params.items():
             if self.restore_mode == "master":
                 self._load_from_master(name, p)
+            elif self.restore_mode == "device":
+                p.copy_(self.device_copy[name])
             else:
                 p.copy_(noise_like(p, seed, name).mul_(-scale).add_(p))
         self._active = None
