@@ -1,6 +1,7 @@
 """Perturb + restore throughput vs a plain copy, and its share of a member's evaluation time.
 
-    ./pants run bench:perturb_throughput -- [--device cpu] [--dtype float32] [--json FILE]
+    ./pants run bench:perturb_throughput -- [--device cpu] [--dtype float32] [--restore-mode master]
+        [--json FILE]
 
 For each model (the tiny default model and a ~100M-parameter Qwen2 of the same family, both random):
   copy      one pass of `p.copy_(q)` over every parameter from a same-shaped tensor on the same device
@@ -26,7 +27,7 @@ import torch
 
 from engine.hf_backend import HFBackend
 from engine.tiny_model import make_tiny_model
-from engine.torch_weights import TorchWeights
+from engine.torch_weights import RESTORE_MODES, TorchWeights
 from shared.countdown import make_prompt
 
 MODELS = {
@@ -61,7 +62,7 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     model_dir = make_tiny_model(workdir / name, seed=0, **MODELS[name])
     backend = HFBackend(model_dir, dtype=args.dtype, device=args.device)
-    weights = TorchWeights(backend.model)
+    weights = TorchWeights(backend.model, restore_mode=args.restore_mode)
     device = backend.device
     params = list(weights.params.values())
     count = sum(p.numel() for p in params)
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--restore-mode", default="master", choices=list(RESTORE_MODES))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=8)
@@ -115,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads {threads}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, dtype {args.dtype}, threads {threads}, "
+        f"restore mode {args.restore_mode}"
+    )
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-perturb-") as tmp:
         for name in args.models:
