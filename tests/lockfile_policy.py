@@ -1,4 +1,4 @@
-"""Lockfile policy for the project's resolves (driver, engine, tools).
+"""Lockfile policy for the project's resolves (driver, engine, engine-gpu, tools).
 
 The driver and the engine run in one Ray cluster from two separately locked environments. That only
 works when the two agree on Ray and on the Python minor version (Ray refuses or crashes on a version
@@ -34,6 +34,8 @@ ENGINE_ONLY_PACKAGES = frozenset(
 )
 # No engine may carry torch_xla: the JAX TPU stack replaced it and it pins a conflicting libtpu.
 FORBIDDEN_IN_ENGINE = frozenset({canonicalize_name("torch_xla")})
+# The two vLLM flavours both install the module `vllm`: one resolve holds at most one of them.
+VLLM_FLAVOURS = frozenset({"vllm", "vllm-tpu"})
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -169,6 +171,16 @@ def _no_forbidden_in_engine(engine: Lockfile) -> list[str]:
     return []
 
 
+def _one_vllm_flavour(engine: Lockfile) -> list[str]:
+    found = sorted(VLLM_FLAVOURS & engine.packages.keys())
+    if len(found) > 1:
+        return [
+            f"{engine.path} locks both {found}; they install the same module `vllm`: the TPU engine "
+            "resolve takes vllm-tpu, the GPU engine resolve (engine-gpu) takes vllm"
+        ]
+    return []
+
+
 def _libtpu_matches_jax(engine: Lockfile) -> list[str]:
     jax = engine.packages.get("jax")
     libtpu = engine.version_of("libtpu")
@@ -192,6 +204,23 @@ def _libtpu_matches_jax(engine: Lockfile) -> list[str]:
     ]
 
 
+def _tools_agree_with_engine(tools: Lockfile, engine: Lockfile) -> list[str]:
+    """Engine tests run in one venv holding the engine's requirements and the test runner (tools
+    resolve); a package in both at two versions breaks the runner (pytest 8 vs the pytest 9 that
+    tpu-inference brings: `_pytest.config has no attribute _console_main`)."""
+    differ = sorted(
+        f"{name} {tools.version_of(name)} vs {engine.version_of(name)}"
+        for name in tools.packages.keys() & engine.packages.keys()
+        if tools.version_of(name) != engine.version_of(name)
+    )
+    if differ:
+        return [
+            f"{tools.path} and {engine.path} lock different versions of {differ}; engine tests install "
+            "both into one venv: pin the tools' version to the engine's"
+        ]
+    return []
+
+
 def _artifacts_hashed(lock: Lockfile) -> list[str]:
     problems = []
     for pkg in lock.packages.values():
@@ -206,21 +235,28 @@ def _artifacts_hashed(lock: Lockfile) -> list[str]:
     return problems
 
 
-def check_policy(driver: Lockfile, engines: list[Lockfile], others: list[Lockfile] = ()) -> list[str]:
+def check_policy(
+    driver: Lockfile, engines: list[Lockfile], others: list[Lockfile] = (), tools: Lockfile | None = None
+) -> list[str]:
     """Checks the project's lockfile rules and returns one message per violation (empty: all good).
 
     Rules: every engine agrees with the driver on the interpreter constraints and the Ray version; the
-    driver locks no engine-only package (ENGINE_ONLY_PACKAGES); no engine locks torch_xla; an engine
-    that locks jax and libtpu locks the libtpu that jax's `tpu` extra requires; every artifact of every
-    lockfile (driver, engines, others) carries a sha256.
+    driver locks no engine-only package (ENGINE_ONLY_PACKAGES); no engine locks torch_xla; no engine
+    locks both vLLM flavours (VLLM_FLAVOURS); an engine that locks jax and libtpu locks the libtpu that
+    jax's `tpu` extra requires; `tools` (the test runner's resolve, if given) locks every package it
+    shares with an engine at the engine's version; every artifact of every lockfile (driver, engines,
+    others, tools) carries a sha256.
     """
     problems = _no_engine_packages_in_driver(driver) + _artifacts_hashed(driver)
     for engine in engines:
         problems += _same_interpreter(driver, engine)
         problems += _same_ray(driver, engine)
         problems += _no_forbidden_in_engine(engine)
+        problems += _one_vllm_flavour(engine)
         problems += _libtpu_matches_jax(engine)
         problems += _artifacts_hashed(engine)
-    for other in others:
+        if tools is not None:
+            problems += _tools_agree_with_engine(tools, engine)
+    for other in [*others, *([tools] if tools is not None else [])]:
         problems += _artifacts_hashed(other)
     return problems

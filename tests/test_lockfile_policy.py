@@ -10,6 +10,7 @@ import pytest
 from lockfile_policy import Lockfile, LockfileError, check_policy, load_lockfile, parse_lockfile
 
 LOCKS = Path("3rdparty/python")
+NAMES = ("driver", "engine", "engine-gpu", "tools")
 
 
 def _split(path: Path) -> tuple[list[str], dict]:
@@ -21,7 +22,7 @@ def _split(path: Path) -> tuple[list[str], dict]:
 
 @pytest.fixture(scope="module")
 def raw() -> dict[str, tuple[list[str], dict]]:
-    return {name: _split(LOCKS / f"{name}.lock") for name in ("driver", "engine", "tools")}
+    return {name: _split(LOCKS / f"{name}.lock") for name in NAMES}
 
 
 def doctored(raw, name: str, mutate=None, mutate_header=None):
@@ -45,26 +46,32 @@ def _find(body: dict, project: str) -> dict:
 
 @pytest.fixture(scope="module")
 def committed() -> dict[str, Lockfile]:
-    return {name: load_lockfile(LOCKS / f"{name}.lock") for name in ("driver", "engine", "tools")}
+    return {name: load_lockfile(LOCKS / f"{name}.lock") for name in NAMES}
 
 
 def _policy(committed, **doctored_locks):
     locks = {**committed, **doctored_locks}
-    return check_policy(locks["driver"], [locks["engine"]], [locks["tools"]])
+    return check_policy(locks["driver"], [locks["engine"], locks["engine-gpu"]], tools=locks["tools"])
 
 
 def test_committed_lockfiles_pass(committed):
-    driver, engine, tools = committed["driver"], committed["engine"], committed["tools"]
-    assert check_policy(driver, [engine], [tools]) == []
+    driver, engine, gpu = committed["driver"], committed["engine"], committed["engine-gpu"]
+    assert check_policy(driver, [engine, gpu], tools=committed["tools"]) == []
     # The rules are not vacuous on the real files: the packages they look at are there.
-    assert driver.version_of("ray") == engine.version_of("ray") == "2.60.0"
+    assert driver.version_of("ray") == engine.version_of("ray") == gpu.version_of("ray") == "2.60.0"
     assert engine.version_of("jax") and engine.version_of("libtpu")
+    assert engine.version_of("vllm-tpu") and not engine.version_of("vllm")
+    assert gpu.version_of("vllm") and not gpu.version_of("vllm-tpu")
+    # Where both engines lock a package the driver protocol or the checkpoints touch, it is the same.
+    for shared in ("transformers", "safetensors", "numpy"):
+        assert engine.version_of(shared) == gpu.version_of(shared), shared
     assert driver.interpreter_constraints == ("CPython==3.12.*",)
 
 
-def test_ray_version_mismatch_is_reported(raw, committed):
-    engine = doctored(raw, "engine", lambda b: _find(b, "ray").update(version="2.59.0"))
-    problems = _policy(committed, engine=engine)
+@pytest.mark.parametrize("lock", ["engine", "engine-gpu"])
+def test_ray_version_mismatch_is_reported(raw, committed, lock):
+    engine = doctored(raw, lock, lambda b: _find(b, "ray").update(version="2.59.0"))
+    problems = _policy(committed, **{lock: engine})
     assert len(problems) == 1
     assert "ray versions differ" in problems[0] and "2.60.0" in problems[0] and "2.59.0" in problems[0]
 
@@ -102,6 +109,24 @@ def test_torch_xla_in_engine_is_reported(raw, committed):
     assert len(problems) == 1 and "torch-xla" in problems[0]
 
 
+@pytest.mark.parametrize(("lock", "flavour"), [("engine", "vllm"), ("engine-gpu", "vllm-tpu")])
+def test_both_vllm_flavours_in_one_engine_are_reported(raw, committed, lock, flavour):
+    def add(body):
+        fake = copy.deepcopy(_find(body, "packaging"))
+        fake.update(project_name=flavour, version="0.32.0", requires_dists=[])
+        _requirements(body).append(fake)
+
+    problems = _policy(committed, **{lock: doctored(raw, lock, add)})
+    assert len(problems) == 1 and "vllm" in problems[0] and "vllm-tpu" in problems[0]
+
+
+def test_test_runner_disagreeing_with_an_engine_is_reported(raw, committed):
+    assert committed["engine"].version_of("pytest"), "the rule has nothing to compare"
+    tools = doctored(raw, "tools", lambda b: _find(b, "pytest").update(version="8.4.2"))
+    problems = _policy(committed, tools=tools)
+    assert len(problems) == 1 and "pytest 8.4.2 vs 9.2.0" in problems[0]
+
+
 def test_libtpu_pin_disagreeing_with_jax_is_reported(raw, committed):
     engine = doctored(raw, "engine", lambda b: _find(b, "libtpu").update(version="0.0.47"))
     problems = _policy(committed, engine=engine)
@@ -109,7 +134,7 @@ def test_libtpu_pin_disagreeing_with_jax_is_reported(raw, committed):
     assert "libtpu 0.0.47" in problems[0] and "tpu extra" in problems[0]
 
 
-@pytest.mark.parametrize("lock", ["driver", "engine", "tools"])
+@pytest.mark.parametrize("lock", NAMES)
 @pytest.mark.parametrize("how", ["missing-hash", "md5"])
 def test_artifact_without_sha256_is_reported(raw, committed, lock, how):
     def strip(body):

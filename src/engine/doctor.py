@@ -144,7 +144,7 @@ def devices() -> dict[str, str]:
     """What JAX and torch see: {"jax": "...", "torch": "..."} (errors reported as text, never raised)."""
     seen = {}
     try:
-        import jax
+        import jax  # pants: no-infer-dep (absent from the GPU engine: reported, not required)
 
         seen["jax"] = ", ".join(str(d) for d in jax.devices())
     except Exception as e:  # no backend, TPU busy, ...: report it

@@ -45,15 +45,22 @@ class TorchWeights:
             from an unperturbed copy of the weights kept on the device; one more set of parameters in
             device memory, much faster on GPUs) or "subtract" (the reference: subtract the same noise
             again, which is inexact in low precision).
+        noise_key_prefix: prepended to each parameter name in the noise seed. Empty for a whole model;
+            a vLLM tensor-parallel rank holding one shard of each weight uses e.g. "tp1of2/", so that
+            the shards of one weight get independent noise (same-named shards would otherwise get the
+            same noise, the reference's issue #46 across shards).
 
     Raises:
         ValueError: unknown restore_mode.
     """
 
-    def __init__(self, model: torch.nn.Module, restore_mode: str = "master") -> None:
+    def __init__(
+        self, model: torch.nn.Module, restore_mode: str = "master", noise_key_prefix: str = ""
+    ) -> None:
         if restore_mode not in RESTORE_MODES:
             raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
         self.restore_mode = restore_mode
+        self.noise_key_prefix = noise_key_prefix
         self.params = dict(sorted(model.named_parameters()))
         pin = any(p.device.type == "cuda" for p in self.params.values())
         self.master = {}
@@ -93,7 +100,7 @@ class TorchWeights:
         scale = float(sign) * float(sigma)
         for name, p in self.params.items():
             # scale * eps + p in fp32, in the noise buffer (no other temporaries); rounded once to p.dtype.
-            p.copy_(noise_like(p, seed, name).mul_(scale).add_(p))
+            p.copy_(noise_like(p, seed, self.noise_key_prefix + name).mul_(scale).add_(p))
         self._active = (seed, scale)
 
     @torch.no_grad()
@@ -109,7 +116,7 @@ class TorchWeights:
             elif self.restore_mode == "device":
                 p.copy_(self.device_copy[name])
             else:
-                p.copy_(noise_like(p, seed, name).mul_(-scale).add_(p))
+                p.copy_(noise_like(p, seed, self.noise_key_prefix + name).mul_(-scale).add_(p))
         self._active = None
 
     @torch.no_grad()
@@ -126,7 +133,7 @@ class TorchWeights:
         for name, p in self.params.items():
             update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             for seed, coefficient in pairs:
-                update.add_(noise_like(p, seed, name), alpha=coefficient)
+                update.add_(noise_like(p, seed, self.noise_key_prefix + name), alpha=coefficient)
             self.master[name].add_(update.cpu())
             self._load_from_master(name, p)
 
