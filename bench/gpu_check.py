@@ -55,6 +55,8 @@ def card_copy_bandwidth(device: torch.device, repeats: int, gib: float = 1.0) ->
 
 
 def check_model(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[tuple[str, bool, str]]]:
+    """Loads `model_dir` twice in bf16 on `args.device`, runs the checks and timings of the module
+    docstring, and returns (results: figures in seconds, bytes/s and ratios; checks: (name, ok, detail))."""
     device = torch.device(args.device)
     a = HFBackend(model_dir, dtype="bfloat16", device=args.device)
     b = HFBackend(model_dir, dtype="bfloat16", device=args.device)
