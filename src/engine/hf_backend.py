@@ -28,8 +28,14 @@ def use_deterministic_kernels() -> None:
     variable is read when cuBLAS creates its handle); an engine actor is a fresh process, so loading the
     model is early enough.
     """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    use_deterministic_cublas()
     torch.use_deterministic_algorithms(True)
+
+
+def use_deterministic_cublas() -> None:
+    """Sets `CUBLAS_WORKSPACE_CONFIG=:4096:8` (unless set) in this process's environment: cuBLAS then
+    reduces deterministically in this process and in the processes it starts (vLLM's workers)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass(frozen=True)

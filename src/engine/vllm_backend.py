@@ -16,11 +16,10 @@ never imports JAX (its resolve lacks it), so it cannot initialise a TPU.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
-from engine.hf_backend import Completion
+from engine.hf_backend import Completion, use_deterministic_cublas
 
 TORCH_EXTENSION = "engine.vllm_worker.TorchWorkerExtension"
 JAX_EXTENSION = "engine.vllm_worker.JaxWorkerExtension"
@@ -55,8 +54,9 @@ class VLLMBackend:
         max_model_len: prompt + completion tokens per sequence.
         gpu_memory_utilization: share of device memory vLLM may take (weights + KV cache).
         restore_mode: "master" (exact, fp32 host master) or "subtract"; "device" on GPUs only.
-        deterministic: deterministic cuBLAS workspaces (`CUBLAS_WORKSPACE_CONFIG`, read when the workers
-            start) so that identical weights give identical completions across engines and restarts.
+        deterministic: deterministic cuBLAS workspaces (`engine.hf_backend.use_deterministic_cublas`, read
+            when the workers start) so that identical weights give identical completions across engines
+            and restarts.
         llm_kwargs: further `vllm.LLM` arguments (e.g. `enforce_eager=True`).
 
     Raises:
@@ -78,7 +78,7 @@ class VLLMBackend:
         from vllm.platforms import current_platform
 
         if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            use_deterministic_cublas()
         self.llm = LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
