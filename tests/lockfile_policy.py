@@ -235,9 +235,7 @@ def _artifacts_hashed(lock: Lockfile) -> list[str]:
     return problems
 
 
-def check_policy(
-    driver: Lockfile, engines: list[Lockfile], others: list[Lockfile] = (), tools: Lockfile | None = None
-) -> list[str]:
+def check_policy(driver: Lockfile, engines: list[Lockfile], tools: Lockfile | None = None) -> list[str]:
     """Checks the project's lockfile rules and returns one message per violation (empty: all good).
 
     Rules: every engine agrees with the driver on the interpreter constraints and the Ray version; the
@@ -245,7 +243,7 @@ def check_policy(
     locks both vLLM flavours (VLLM_FLAVOURS); an engine that locks jax and libtpu locks the libtpu that
     jax's `tpu` extra requires; `tools` (the test runner's resolve, if given) locks every package it
     shares with an engine at the engine's version; every artifact of every lockfile (driver, engines,
-    others, tools) carries a sha256.
+    tools) carries a sha256.
     """
     problems = _no_engine_packages_in_driver(driver) + _artifacts_hashed(driver)
     for engine in engines:
@@ -257,6 +255,6 @@ def check_policy(
         problems += _artifacts_hashed(engine)
         if tools is not None:
             problems += _tools_agree_with_engine(tools, engine)
-    for other in [*others, *([tools] if tools is not None else [])]:
-        problems += _artifacts_hashed(other)
+    if tools is not None:
+        problems += _artifacts_hashed(tools)
     return problems
