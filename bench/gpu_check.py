@@ -15,7 +15,7 @@ loads it twice in bf16 with `engine.hf_backend.HFBackend`, and checks:
                      same greedy completions of Countdown prompts; a different seed differs;
   same update        `apply_update` with the same (seed, coefficient) pairs leaves them equal;
   subtract drift     the reference's subtract-to-restore: largest deviation after 10 cycles (reported).
-Then it times (medians, device synchronized; see `perturb_throughput._timed`):
+Then it times (medians, device synchronized; the helpers of `perturb_throughput`):
   card copy          one large device-to-device copy (1 GiB), bytes read + written per second;
   param copy         `p.copy_(q)` over every parameter (the floor for any in-place weight operation);
   perturb+restore    per restore mode, as parameters per second, as effective bandwidth (bytes of the
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from perturb_throughput import _sync, _timed
+from perturb_throughput import _timed, member_evaluation, param_copy_seconds, perturb_restore_seconds
 
 from engine.hf_backend import HFBackend, use_deterministic_kernels
 from engine.tiny_model import make_tiny_model
@@ -93,20 +93,10 @@ def check_model(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[t
     wa.restore()
     wb.restore()
     checks.append(("same noise on two instances", same_fp and differs, "seed 1234 equal, 1235 differs"))
-    checks.append(
-        (
-            "same greedy completions, one instance",
-            repeat_equal == len(prompts),
-            f"{repeat_equal}/{len(prompts)} equal",
+    for where, equal in (("one instance", repeat_equal), ("two instances", cross_equal)):
+        checks.append(
+            (f"same greedy completions, {where}", equal == len(prompts), f"{equal}/{len(prompts)} equal")
         )
-    )
-    checks.append(
-        (
-            "same greedy completions, two instances",
-            cross_equal == len(prompts),
-            f"{cross_equal}/{len(prompts)} equal",
-        )
-    )
 
     pairs = [(11, 2e-3), (12, -1e-3), (13, 5e-4)]
     wa.apply_update(pairs)
@@ -125,26 +115,12 @@ def check_model(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[t
     torch.cuda.empty_cache()
 
     # Throughput, on instance a.
-    params = list(wa.params.values())
-    sources = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def copy() -> None:
-        for p, q in zip(params, sources, strict=True):
-            p.copy_(q)
-
-    t_copy = _timed(copy, device, args.repeats)
-    sources.clear()  # free the copy's source tensors before the next timings
+    t_copy = param_copy_seconds(list(wa.params.values()), device, args.repeats)
     seeds = iter(range(10**9))
     timings = {}
     for mode in RESTORE_MODES:
         w = TorchWeights(a.model, restore_mode=mode)
-
-        def perturb_restore(w: TorchWeights = w) -> None:
-            w.perturb(next(seeds), args.sigma)
-            w.restore()
-
-        t = _timed(perturb_restore, device, args.repeats)
+        t = perturb_restore_seconds(w, args.sigma, seeds, device, args.repeats)
         # perturb reads and writes the weights once; restore writes them (and reads the copy/master).
         timings[mode] = {
             "perturb_restore_s": t,
@@ -154,19 +130,10 @@ def check_model(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[t
         }
         del w
 
-    w = TorchWeights(a.model, restore_mode="device")
-    a.generate(prompts, args.max_new_tokens, batch_size=args.prompts)  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    w.perturb(next(seeds), args.sigma)
-    _sync(device)
-    t_perturb = time.perf_counter() - start
-    a.generate(prompts, args.max_new_tokens, batch_size=args.prompts)
-    _sync(device)
-    t_restore_start = time.perf_counter()
-    w.restore()
-    _sync(device)
-    end = time.perf_counter()
+    t_eval, t_in_eval = member_evaluation(
+        a, TorchWeights(a.model, restore_mode="device"), prompts, args.max_new_tokens, next(seeds),
+        args.sigma, device,
+    )  # fmt: skip
     results = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -177,9 +144,8 @@ def check_model(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[t
         "param_copy_bytes_per_s": 2 * weight_bytes / t_copy,
         "perturb_restore": timings,
         "subtract_drift_max_abs_after_10": drift,
-        "member_evaluation_s": end - start,
-        "perturb_restore_share_of_evaluation_device_mode": (t_perturb + end - t_restore_start)
-        / (end - start),
+        "member_evaluation_s": t_eval,
+        "perturb_restore_share_of_evaluation_device_mode": t_in_eval / t_eval,
     }
     return results, checks
 

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,13 +60,9 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
-    model_dir = make_tiny_model(workdir / name, seed=0, **MODELS[name])
-    backend = HFBackend(model_dir, dtype=args.dtype, device=args.device)
-    weights = TorchWeights(backend.model, restore_mode=args.restore_mode)
-    device = backend.device
-    params = list(weights.params.values())
-    count = sum(p.numel() for p in params)
+def param_copy_seconds(params: list[torch.Tensor], device: torch.device, repeats: int) -> float:
+    """Median seconds of `p.copy_(q)` over every parameter from a same-shaped tensor on the same device:
+    the floor for any in-place weight operation."""
     sources = [p.detach().clone() for p in params]
 
     @torch.no_grad()
@@ -73,26 +70,62 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         for p, q in zip(params, sources, strict=True):
             p.copy_(q)
 
-    seeds = iter(range(10**9))
+    return _timed(copy, device, repeats)
+
+
+def perturb_restore_seconds(
+    weights: TorchWeights, sigma: float, seeds: Iterator[int], device: torch.device, repeats: int
+) -> float:
+    """Median seconds of `weights.perturb` (a fresh seed from `seeds` each time) then `.restore`."""
 
     def perturb_restore() -> None:
-        weights.perturb(next(seeds), 0.001)
+        weights.perturb(next(seeds), sigma)
         weights.restore()
 
-    t_copy = _timed(copy, device, args.repeats)
-    t_pr = _timed(perturb_restore, device, args.repeats)
-    prompts = [make_prompt([i + 1, i + 2, i + 3], 10 + i) for i in range(args.prompts)]
-    backend.generate(prompts, args.max_new_tokens, batch_size=args.prompts)  # warm-up
+    return _timed(perturb_restore, device, repeats)
+
+
+def member_evaluation(
+    backend: HFBackend,
+    weights: TorchWeights,
+    prompts: list[str],
+    max_new_tokens: int,
+    seed: int,
+    sigma: float,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One member's evaluation after a warm-up generation: perturb, greedy generation of `prompts`,
+    restore. Returns (seconds in all, seconds of it in perturb + restore), the device synchronized
+    around each phase."""
+    backend.generate(prompts, max_new_tokens, batch_size=len(prompts))  # warm-up
+    _sync(device)
     start = time.perf_counter()
-    perturb_restore_in_eval = 0.0
-    t0 = time.perf_counter()
-    weights.perturb(next(seeds), 0.001)
-    perturb_restore_in_eval += time.perf_counter() - t0
-    backend.generate(prompts, args.max_new_tokens, batch_size=args.prompts)
-    t0 = time.perf_counter()
+    weights.perturb(seed, sigma)
+    _sync(device)
+    perturbed = time.perf_counter()
+    backend.generate(prompts, max_new_tokens, batch_size=len(prompts))
+    _sync(device)
+    generated = time.perf_counter()
     weights.restore()
-    perturb_restore_in_eval += time.perf_counter() - t0
-    t_eval = time.perf_counter() - start
+    _sync(device)
+    end = time.perf_counter()
+    return end - start, (perturbed - start) + (end - generated)
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    model_dir = make_tiny_model(workdir / name, seed=0, **MODELS[name])
+    backend = HFBackend(model_dir, dtype=args.dtype, device=args.device)
+    weights = TorchWeights(backend.model, restore_mode=args.restore_mode)
+    device = backend.device
+    params = list(weights.params.values())
+    count = sum(p.numel() for p in params)
+    seeds = iter(range(10**9))
+    t_copy = param_copy_seconds(params, device, args.repeats)
+    t_pr = perturb_restore_seconds(weights, 0.001, seeds, device, args.repeats)
+    prompts = [make_prompt([i + 1, i + 2, i + 3], 10 + i) for i in range(args.prompts)]
+    t_eval, perturb_restore_in_eval = member_evaluation(
+        backend, weights, prompts, args.max_new_tokens, next(seeds), 0.001, device
+    )
     return {
         "parameters": count,
         "copy_s": t_copy,
