@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import ray
 
 from driver import train
+from driver.engine_build import pex_path
+from driver.engine_pool import DEFAULT_ENGINE_PEX
 from driver.train_config import (
     PAPER_ALPHA,
     PAPER_SIGMA,
@@ -56,6 +59,15 @@ def test_engine_weight_options():
         parse("--restore-mode", "undo")
 
 
+def test_vllm_engines_come_from_the_pex_of_their_platform():
+    gpu = parse("--backend", "vllm", "--engine-gpus", "2", "--tensor-parallel-size", "2")
+    tpu = parse("--backend", "vllm", "--engine-resources", "TPU=4", "--tensor-parallel-size", "4")
+    assert (gpu.engine_target, tpu.engine_target) == ("src/engine:engine-gpu", "src/engine:engine")
+    assert parse("--backend", "cuda", "--engine-gpus", "1").engine_target == "src/engine:engine"
+    assert pex_path(gpu.engine_target) == Path("dist/src.engine/engine-gpu.pex")
+    assert pex_path(tpu.engine_target) == DEFAULT_ENGINE_PEX
+
+
 def test_file_then_command_line(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('population = 8\nsigma = 0.5\nengine_resources = { TPU = 4 }\ndataset = "generated"\n')
@@ -76,6 +88,18 @@ def test_file_then_command_line(tmp_path):
         (["--dataset", "reference"], "--dataset-path: required with --dataset reference"),
         (["--engine-gpus", "1"], "--engine-gpus: must be 0 with --backend cpu"),
         (["--resume"], "--resume: needs --output-dir"),
+        (["--backend", "vllm"], "--backend vllm: give each engine either GPUs"),
+        (["--backend", "vllm", "--engine-gpus", "1", "--engine-resources", "TPU=4"], "not both or neither"),
+        (
+            ["--backend", "vllm", "--engine-gpus", "1", "--tensor-parallel-size", "2"],
+            "--tensor-parallel-size: 2 devices per engine, but each engine gets 1",
+        ),
+        (["--tensor-parallel-size", "2"], "--tensor-parallel-size: only with --backend vllm"),
+        (
+            ["--backend", "vllm", "--engine-resources", "TPU=4", "--restore-mode", "device"],
+            "--restore-mode: device is for GPUs",
+        ),
+        (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be in (0, 1]"),
         (["--train-size", "4", "--prompts-per-member", "8"], "--train-size: must be >= --prompts-per-member"),
     ],
 )
@@ -109,6 +133,11 @@ def test_resume_keeps_the_runs_hyper_parameters():
     assert (longer.iterations, longer.sigma, longer.resume) == (40, saved["sigma"], True)
     with pytest.raises(ConfigError, match="--sigma: 0.5 differs from the run being resumed"):
         merge_for_resume(saved, parse("--output-dir", "runs/a", "--sigma", "0.5"), {"sigma"}, "c")
+    # A run started before an option existed resumes with the option's default.
+    older = {k: v for k, v in saved.items() if k != "tensor_parallel_size"}
+    assert merge_for_resume(older, parse("--output-dir", "runs/a"), set(), "c").tensor_parallel_size == 1
+    with pytest.raises(ConfigError, match=r"c: unknown keys \['sigmaa'\]"):
+        merge_for_resume({**saved, "sigmaa": 1}, parse("--output-dir", "runs/a"), set(), "c")
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str]:

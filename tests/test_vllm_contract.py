@@ -69,6 +69,7 @@ def test_llm_accepts_the_arguments_the_backend_passes():
         "enable_prefix_caching",
         "worker_extension_cls",
         "seed",
+        "distributed_executor_backend",
     }
     assert passed <= fields, sorted(passed - fields)
     assert inspect.signature(LLM.__init__).parameters.keys() >= {"model", "kwargs"}
@@ -115,10 +116,12 @@ def test_extension_names_do_not_collide_with_the_worker(extension, distribution,
     assert not clashes, clashes
 
 
-def test_gpu_model_runner_hands_out_the_torch_model():
+def test_gpu_worker_hands_out_the_torch_model_and_its_checkpoint():
     runner = class_def(installed_source("vllm-tpu", "vllm/v1/worker/gpu_model_runner.py"), "GPUModelRunner")
     get_model = next(n for n in runner.body if isinstance(n, ast.FunctionDef) and n.name == "get_model")
     assert [a.arg for a in get_model.args.args] == ["self"]
+    # TorchWorkerExtension.es_setup reads the checkpoint directory from the worker's model config.
+    assert "self.model_config = vllm_config.model_config" in inspect.getsource(WorkerBase.__init__)
 
 
 def test_tpu_runner_reads_its_weights_from_state_leaves():

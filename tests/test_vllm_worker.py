@@ -1,21 +1,33 @@
-"""The vLLM worker extensions on stand-in workers that hold real weights: a real tiny transformers model
-(as CUDA vLLM's model runner does), and a pytree of JAX arrays read by a jitted model function (as
-tpu-inference's runner does). The extensions are mixed in the way vLLM's `WorkerWrapperBase.init_worker`
-does it: appended to the worker class's bases."""
+"""The vLLM worker extensions on stand-in workers that hold real weights: vLLM's own torch model of a
+tiny checkpoint, built with vLLM's tensor-parallel layers on the CPU (as a CUDA vLLM worker's model
+runner holds it: fused `qkv_proj` / `gate_up_proj`, padded vocabulary), and a pytree of JAX arrays read
+by a jitted model function (as tpu-inference's runner does). The extensions are mixed in the way vLLM's
+`WorkerWrapperBase.init_worker` does it: appended to the worker class's bases.
+
+The torch operations must equal the transformers backend's on the same checkpoint bit for bit, at
+tensor-parallel degree 1 and 2 (gloo, two processes; the tiny model has one key/value head, so the
+ranks replicate it)."""
 
 from __future__ import annotations
+
+import multiprocessing
+import socket
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import vllm.distributed
+import vllm_cpu_model
 from transformers import AutoModelForCausalLM
 from vllm.v1.worker.worker_base import WorkerBase
 
+from engine.actor import EngineActor
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
+from engine.vllm_backend import write_model_dir
+from engine.vllm_layout import LayoutError, merge_parts
 from engine.vllm_worker import JaxWorkerExtension, RecompilationError, TorchWorkerExtension
 
 
@@ -30,71 +42,192 @@ def mixed_in(worker_class: type, extension: type) -> type:
     return cls
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), seed=4)
 
 
-class _TorchRunner:
-    def __init__(self, model):
-        self.model = model
-
-    def get_model(self):
-        return self.model
+@pytest.fixture(scope="module")
+def vllm_model(model_dir):
+    return vllm_cpu_model.build(model_dir, port=free_port())
 
 
 class StandInGpuWorker(WorkerBase):
-    def __init__(self, model_dir):
-        self.model_runner = _TorchRunner(
-            AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.bfloat16)
-        )
+    """The parts of vLLM's GPU worker the extension uses: `model_runner.get_model()` and
+    `model_config.model` (the checkpoint directory). The model starts at the checkpoint's weights."""
+
+    def __init__(self, model, model_dir):
+        vllm_cpu_model.load_checkpoint(model, model_dir)
+        self.model_runner = SimpleNamespace(get_model=lambda: model)
+        self.model_config = SimpleNamespace(model=str(model_dir))
 
 
-def tensor_parallel(monkeypatch, rank: int, world: int) -> None:
-    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda: rank)
-    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_world_size", lambda: world)
+def transformers_weights(model_dir) -> TorchWeights:
+    """The transformers backend's ES weights on the same checkpoint (float32, CPU)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    return TorchWeights(model)
 
 
-def test_torch_extension_is_the_es_core_on_the_workers_model(model_dir, monkeypatch, tmp_path):
-    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(model_dir)
-    tensor_parallel(monkeypatch, 0, 1)
+def assert_equal_tensors(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    differ = [name for name in got if not torch.equal(got[name], expected[name].detach())]
+    assert not differ, differ
+
+
+def test_checkpoint_tensors_are_routed_into_vllms_fused_parameters(vllm_model, model_dir):
+    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
+    worker.es_setup()
+    layout = worker._es_layout
+    reference = transformers_weights(model_dir)
+    # The ES parameters are the transformers model's (the tied lm_head is skipped by vLLM's loader).
+    assert sorted(layout.routes) == sorted(reference.params)
+    attention = "model.layers.0.self_attn."
+    assert {layout.routes[attention + f"{x}_proj.weight"] for x in "qkv"} == {attention + "qkv_proj.weight"}
+    assert layout.sources["model.layers.1.mlp.gate_up_proj.weight"] == [
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ]
+    assert set(layout.sources) == set(dict(vllm_model.named_parameters()))
+    # The loaders are vLLM's own again afterwards.
+    assert all(
+        getattr(p, "weight_loader", None) is None or "vllm_layout" not in p.weight_loader.__qualname__
+        for p in vllm_model.parameters()
+    )
+
+
+def test_es_operations_in_vllms_layout_equal_the_transformers_backends(vllm_model, model_dir):
+    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
     setup = worker.es_setup()
     assert setup["world_size"] == 1 and setup["parameters"] > 0
+    layout, reference = worker._es_layout, transformers_weights(model_dir)
 
-    reference = TorchWeights(StandInGpuWorker(model_dir).model_runner.get_model())
-    assert worker.es_fingerprint() == reference.fingerprint() == setup["fingerprint"]
+    def live() -> dict:
+        return merge_parts([layout.to_checkpoint(dict(vllm_model.named_parameters()))])
+
+    assert_equal_tensors(live(), reference.params)
     worker.es_perturb(7, 0.01)
     reference.perturb(7, 0.01)
-    assert worker.es_fingerprint() == reference.fingerprint() != setup["fingerprint"]
+    assert_equal_tensors(live(), reference.params)
+    assert worker.es_fingerprint() != setup["fingerprint"]
     worker.es_restore()
-    assert worker.es_fingerprint() == setup["fingerprint"]
     reference.restore()
-    reference.apply_update([(3, 1e-3)])
-    assert worker.es_apply_update([(3, 1e-3)]) == reference.fingerprint()
-
-    saved = worker.es_save_shard(str(tmp_path / "rank-000.safetensors"))
-    from safetensors.torch import load_file
-
-    tensors = load_file(saved)
-    params = dict(worker.model_runner.get_model().named_parameters())
-    assert set(tensors) <= set(params) and all(torch.equal(t, params[n]) for n, t in tensors.items())
+    assert worker.es_fingerprint() == setup["fingerprint"]
+    fingerprint = worker.es_apply_update([(3, 0.5), (9, -0.25)])
+    reference.apply_update([(3, 0.5), (9, -0.25)])
+    assert fingerprint == worker.es_fingerprint() != setup["fingerprint"]
+    assert_equal_tensors(live(), reference.params)
+    assert_equal_tensors(merge_parts([worker.es_master_part()]), reference.master)
 
 
-def test_tensor_parallel_ranks_get_independent_noise(model_dir, monkeypatch):
-    fingerprints = []
-    for rank in (0, 1):
-        worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(model_dir)
-        tensor_parallel(monkeypatch, rank, 2)
-        worker.es_setup()
-        worker.es_perturb(11, 0.01)
-        fingerprints.append(worker.es_fingerprint())
-    single = mixed_in(StandInGpuWorker, TorchWorkerExtension)(model_dir)
-    tensor_parallel(monkeypatch, 0, 1)
-    single.es_setup()
-    single.es_perturb(11, 0.01)
-    # Identical shards (here: the same weights) on two ranks are perturbed differently, and both
-    # differently from an unsharded engine.
-    assert len({*fingerprints, single.es_fingerprint()}) == 3
+def test_master_moves_in_the_checkpoint_layout(vllm_model, model_dir, tmp_path):
+    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
+    base = worker.es_setup()["fingerprint"]
+    updated = worker.es_apply_update([(5, 0.3)])
+    master = merge_parts([worker.es_master_part()])
+    # The transformers backend's master, in the same layout, takes the weights back to the base.
+    assert worker.es_load_master(transformers_weights(model_dir).master) == base
+
+    # A resync or resume: an engine at the base weights loads the master and holds the same weights.
+    other = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
+    assert other.es_setup()["fingerprint"] == base
+    assert other.es_load_master(master) == updated
+    with pytest.raises(LayoutError, match="model.norm.weight"):
+        other.es_load_master({**master, "model.norm.weight": torch.zeros(3)})
+
+    # A checkpoint: a Hugging Face directory that transformers loads, holding the master in its dtype.
+    out = write_model_dir(model_dir, master, "bfloat16", tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert loaded.dtype == torch.bfloat16 and (out / "tokenizer.json").exists()
+    assert_equal_tensors(
+        dict(loaded.named_parameters()), {name: t.to(torch.bfloat16) for name, t in master.items()}
+    )
+
+
+def test_merge_parts_names_an_element_no_rank_holds():
+    values, held = torch.zeros(4), torch.tensor([True, True, False, False])
+    other = torch.tensor([False, False, True, False])
+    with pytest.raises(LayoutError, match="'w': 1 elements held by no rank"):
+        merge_parts([{"w": (values, held)}, {"w": (values, other)}])
+
+
+def test_tensor_parallel_ranks_perturb_and_update_one_coherent_model(model_dir, tmp_path):
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [
+        context.Process(target=vllm_cpu_model.run_es_rank, args=(model_dir, rank, 2, port, tmp_path))
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    parts = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    # Each rank holds a shard of the sharded weights, but all of the replicated key/value head.
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert [bool(part["perturbed"][q][1].all()) for part in parts] == [False, False]
+    assert [bool(part["perturbed"][k][1].all()) for part in parts] == [True, True]
+
+    reference = transformers_weights(model_dir)
+    reference.perturb(7, 0.01)
+    assert_equal_tensors(merge_parts([part["perturbed"] for part in parts]), reference.params)
+    reference.restore()
+    reference.apply_update([(3, 0.5), (9, -0.25)])
+    assert_equal_tensors(merge_parts([part["updated"] for part in parts]), reference.master)
+
+
+class InProcessLLM:
+    """`vllm.LLM.collective_rpc` over workers in this process: the method called on every worker, the
+    results in rank order (what VLLMBackend uses of the LLM besides `generate`)."""
+
+    def __init__(self, *workers):
+        self.workers = workers
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        return [getattr(worker, method)(*args, **(kwargs or {})) for worker in self.workers]
+
+
+def vllm_engine(vllm_model, model_dir, master_path=None) -> tuple[EngineActor, dict]:
+    """An engine actor whose vLLM backend runs on a stand-in worker holding `model_dir`'s weights."""
+    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
+    actor = EngineActor(0)
+    loaded = actor.load_model(
+        str(model_dir),
+        dtype="bfloat16",
+        master_path=master_path,
+        backend="vllm",
+        vllm={"llm": InProcessLLM(worker)},
+    )
+    return actor, loaded
+
+
+def test_engine_actor_checkpoints_resumes_and_resyncs_a_vllm_engine(vllm_model, model_dir, tmp_path):
+    actor, loaded = vllm_engine(vllm_model, model_dir)
+    updated = actor.apply_update([(5, 0.3)])
+    assert updated != loaded["fingerprint"]
+    master = actor.export_master()
+    saved = actor.save_checkpoint(str(tmp_path / "checkpoint"))
+    assert saved["fingerprint"] == updated and saved["master"]
+    reference = transformers_weights(model_dir)
+    reference.apply_update([(5, 0.3)])
+    assert_equal_tensors({name: torch.tensor(a) for name, a in master.items()}, reference.master)
+    # The checkpoint's model is a Hugging Face directory of the updated weights, in the engine dtype.
+    model = AutoModelForCausalLM.from_pretrained(saved["model"], local_files_only=True)
+    assert_equal_tensors(
+        dict(model.named_parameters()), {name: t.to(torch.bfloat16) for name, t in reference.master.items()}
+    )
+
+    resumed, loaded = vllm_engine(vllm_model, saved["model"], master_path=saved["master"])
+    assert loaded["fingerprint"] == updated
+    fresh, loaded = vllm_engine(vllm_model, model_dir)
+    assert loaded["fingerprint"] != updated
+    assert fresh.import_master(master) == updated
 
 
 class _JaxRunner:
@@ -169,3 +302,20 @@ def test_jax_extension_fails_loudly_when_a_perturbation_recompiles():
     weights._leaves[0] = weights._leaves[0].astype(jnp.bfloat16)  # a leaf whose dtype changed
     with pytest.raises(RecompilationError, match="compiled again"):
         worker.es_perturb(2, 0.05)
+
+
+def test_jax_extension_moves_the_master_by_leaf_name():
+    worker = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
+    base = worker.es_setup()["fingerprint"]
+    updated = worker.es_apply_update([(5, 1e-2)])
+    master = worker.es_master()
+    assert sorted(master) == sorted(
+        ["['layer1']['bias']", "['layer1']['kernel']", "['layer2']['bias']", "['layer2']['kernel']"]
+    )
+    other = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
+    assert other.es_setup()["fingerprint"] == base
+    assert other.es_load_master(master) == updated
+    x = jnp.ones((4, 16))
+    assert np.array_equal(other.model_runner.run(x), worker.model_runner.run(x))
+    with pytest.raises(ValueError, match="missing"):
+        other.es_load_master({})

@@ -58,7 +58,7 @@ def prepare_engines(config: TrainConfig) -> EngineSpec:
     Raises:
         EngineBuildError, EnginePreflightError.
     """
-    pex = resolve_engine_pex(config.engine_pex, config.build_engine)
+    pex = resolve_engine_pex(config.engine_pex, config.build_engine, config.engine_target)
     spec = engine_spec(config, pex)
     print(f"checking the engine PEX {pex} (a first run extracts it into PEX_ROOT: a minute or two)")
     started = time.monotonic()

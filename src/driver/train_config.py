@@ -22,7 +22,7 @@ from typing import Any
 
 from driver.strategy import SHAPINGS, StrategyConfig
 
-BACKENDS = ("cpu", "cuda")
+BACKENDS = ("cpu", "cuda", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 DATASETS = ("generated", "reference", "hf")
 # engine.torch_weights.RESTORE_MODES (the driver does not import engine code).
@@ -42,6 +42,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "engine_cpus",
         "engine_gpus",
         "engine_resources",
+        "gpu_memory_utilization",
         "engine_pex",
         "engine_python",
         "pex_root",
@@ -76,7 +77,11 @@ class TrainConfig:
         "created under OUTPUT_DIR/base-model",
     )
     backend: str = _opt(
-        "cpu", "rollout backend: cpu (transformers on CPU) or cuda (transformers on a GPU)", choices=BACKENDS
+        "cpu",
+        "rollout backend: cpu (transformers on CPU), cuda (transformers on a GPU) or vllm (vLLM on GPUs, "
+        "with --engine-gpus, from the engine-gpu PEX; or on TPU chips, with --engine-resources TPU=N, "
+        "from the engine PEX)",
+        choices=BACKENDS,
     )
     dtype: str = _opt("float32", "weights dtype in the engines", choices=DTYPES)
     restore_mode: str = _opt(
@@ -91,6 +96,13 @@ class TrainConfig:
         "deterministic torch kernels in the engines (exact resume and fault recovery on GPUs, where "
         "greedy generation is otherwise not reproducible; ~1.7x generation time measured on an H100)",
     )
+    tensor_parallel_size: int = _opt(
+        1, "vLLM: GPUs or TPU chips each engine shards its model over (tensor parallelism)", "devices"
+    )
+    gpu_memory_utilization: float = _opt(
+        0.85, "vLLM: share of each device's memory an engine may take (weights and KV cache)", "fraction"
+    )
+    max_model_len: int = _opt(2048, "vLLM: prompt + completion tokens per sequence", "tokens")
     num_engines: int = _opt(2, "number of engine actors", "actors")
     engine_cpus: float = _opt(1.0, "Ray CPUs per engine actor", "logical CPUs")
     engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs")
@@ -187,6 +199,8 @@ class TrainConfig:
             "batch_size",
             "engine_cpus",
             "engine_start_timeout",
+            "tensor_parallel_size",
+            "max_model_len",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -225,10 +239,40 @@ class TrainConfig:
                 )
         if self.backend == "cpu" and self.engine_gpus:
             raise ConfigError("--engine-gpus: must be 0 with --backend cpu (use --backend cuda)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.backend != "vllm" and self.tensor_parallel_size != 1:
+            raise ConfigError("--tensor-parallel-size: only with --backend vllm")
+        if self.backend == "vllm":
+            tpu = self.engine_resources.get("TPU", 0)
+            if bool(self.engine_gpus) == bool(tpu):
+                raise ConfigError(
+                    "--backend vllm: give each engine either GPUs (--engine-gpus N) or TPU chips "
+                    "(--engine-resources TPU=N), not both or neither"
+                )
+            if tpu and self.restore_mode == "device":
+                raise ConfigError("--restore-mode: device is for GPUs; on TPUs use master or subtract")
+            devices = self.engine_gpus or tpu
+            option = "--engine-gpus" if self.engine_gpus else "--engine-resources TPU"
+            if devices < self.tensor_parallel_size:
+                raise ConfigError(
+                    f"--tensor-parallel-size: {self.tensor_parallel_size} devices per engine, but each "
+                    f"engine gets {devices} ({option})"
+                )
         if self.backend == "cuda" and not self.engine_gpus:
             raise ConfigError("--engine-gpus: must be > 0 with --backend cuda (each engine needs a GPU)")
         if self.resume and not self.output_dir:
             raise ConfigError("--resume: needs --output-dir, the run to continue")
+
+    @property
+    def engine_target(self) -> str:
+        """The Pants target of the engine PEX this run needs: src/engine:engine-gpu for vLLM on GPUs,
+        else src/engine:engine (transformers, and vLLM on TPU)."""
+        from driver.engine_build import ENGINE_TARGET, GPU_ENGINE_TARGET
+
+        return GPU_ENGINE_TARGET if self.backend == "vllm" and self.engine_gpus else ENGINE_TARGET
 
     def strategy_config(self) -> StrategyConfig:
         """The ES hyper-parameters of this run."""
@@ -385,16 +429,17 @@ def merge_for_resume(
     saved: dict[str, Any], current: TrainConfig, given: set[str], source: str
 ) -> TrainConfig:
     """The config of a resumed run: the saved run's values, with the options in RESUMABLE_OVERRIDES that
-    were given now. Other options given now must equal the saved values.
+    were given now. Other options given now must equal the saved values. An option added after the run
+    was started (absent from its config.json) takes its default.
 
     Raises:
         ConfigError: a given option changes a value that decides the weights, or the saved config is bad.
     """
-    merged = {}
-    for name in _FIELDS:
-        if name not in saved:
-            raise ConfigError(f"{source}: key '{name}' missing; not a config written by this version")
-        merged[name] = saved[name]
+    unknown = sorted(set(saved) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; not a config written by this version")
+    defaults = TrainConfig()
+    merged = {name: saved.get(name, getattr(defaults, name)) for name in _FIELDS}
     for name in given:
         value = getattr(current, name)
         if name in RESUMABLE_OVERRIDES:

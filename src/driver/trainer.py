@@ -213,14 +213,26 @@ class Trainer:
         return "cuda" if self.config.backend == "cuda" else "cpu"
 
     def _load(self, index: int, anchor: Anchor) -> Any:
+        config = self.config
+        backend = {"backend": "transformers"}
+        if config.backend == "vllm":
+            backend = {
+                "backend": "vllm",
+                "vllm": {
+                    "tensor_parallel_size": config.tensor_parallel_size,
+                    "gpu_memory_utilization": config.gpu_memory_utilization,
+                    "max_model_len": config.max_model_len,
+                },
+            }
         return self.pool.handles[index].call.remote(
             "load_model",
             anchor.model_dir,
-            dtype=self.config.dtype,
+            dtype=config.dtype,
             device=self.device,
-            restore_mode=self.config.restore_mode,
+            restore_mode=config.restore_mode,
             master_path=anchor.master_path,
-            deterministic=self.config.deterministic,
+            deterministic=config.deterministic,
+            **backend,
         )
 
     def _replay(self, index: int, since: int) -> str:

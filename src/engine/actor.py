@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.countdown import CountdownProblem, reward
 
 # Modules whose presence and version the engine reports (module name, not distribution name).
@@ -101,37 +103,63 @@ class EngineActor:
         restore_mode: str = "master",
         master_path: str | None = None,
         deterministic: bool = False,
+        backend: str = "transformers",
+        vllm: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Loads the model with the transformers backend on `device` ("cpu", "cuda").
+        """Loads the model with the transformers backend on `device` ("cpu", "cuda"), or with vLLM.
 
         Args:
             restore_mode: `engine.torch_weights.RESTORE_MODES`.
             deterministic: on a GPU, turn on deterministic kernels for this process first
-                (`engine.hf_backend.use_deterministic_kernels`); needed for reproducible GPU rollouts.
-                CPU kernels are left as they are (already reproducible: the resume and fault tests).
+                (`engine.hf_backend.use_deterministic_kernels`; with vLLM, deterministic cuBLAS); needed
+                for reproducible GPU rollouts. CPU kernels are left as they are (already reproducible: the
+                resume and fault tests).
             master_path: a checkpoint's `master.safetensors` (fp32 weights, written when `dtype` is not
-                float32); loaded over the model's weights so that a resumed run continues bit-exactly.
+                float32, and always by vLLM on TPUs); loaded over the model's weights so that a resumed
+                run continues bit-exactly.
+            backend: "transformers" or "vllm" (`engine.vllm_backend.VLLMBackend`: the device is the one
+                vLLM's platform finds, GPUs or TPU chips; `device` is ignored).
+            vllm: further `VLLMBackend` arguments (tensor_parallel_size, gpu_memory_utilization,
+                max_model_len, ...).
 
         Returns:
-            {"fingerprint": str, "parameters": int}.
+            {"fingerprint": str, "parameters": int (with vLLM: summed over tensor-parallel ranks)}.
 
         Raises:
-            OSError: the directory lacks model or tokenizer files. ValueError: the master does not match.
+            OSError: the directory lacks model or tokenizer files. ValueError: the master does not match,
+            or an unknown backend.
         """
+        _quiet_transformers()
+        if backend == "vllm":
+            from engine.vllm_backend import VLLMBackend
+
+            self.backend = VLLMBackend(
+                model_dir, dtype=dtype, restore_mode=restore_mode, deterministic=deterministic, **(vllm or {})
+            )
+            self.weights = self.backend
+            if master_path:
+                self.backend.load_master(_read_master(master_path))
+            parameters = sum(worker["parameters"] for worker in self.backend.workers)
+            return {"fingerprint": self.backend.fingerprint(), "parameters": parameters}
+        if backend != "transformers":
+            raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")
         from engine.hf_backend import HFBackend, use_deterministic_kernels
         from engine.torch_weights import TorchWeights
 
-        _quiet_transformers()
         if deterministic and device != "cpu":
             use_deterministic_kernels()
         self.backend = HFBackend(model_dir, dtype=dtype, device=device)
         self.weights = TorchWeights(self.backend.model, restore_mode=restore_mode)
         if master_path:
-            from safetensors.torch import load_file
-
-            self.weights.load_master(load_file(master_path))
+            self.weights.load_master(_read_master(master_path))
         parameters = sum(p.numel() for p in self.weights.params.values())
         return {"fingerprint": self.weights.fingerprint(), "parameters": parameters}
+
+    @property
+    def _vllm(self) -> bool:
+        from engine.hf_backend import HFBackend
+
+        return self.backend is not None and not isinstance(self.backend, HFBackend)
 
     def _require_model(self) -> None:
         if self.backend is None or self.weights is None:
@@ -196,9 +224,11 @@ class EngineActor:
         return self.weights.fingerprint()
 
     def export_master(self) -> dict[str, Any]:
-        """The fp32 master weights, parameter name -> float32 numpy array (to resync another engine)."""
+        """The fp32 master weights, name -> float32 numpy array (to resync another engine of the same
+        backend): transformers parameter names, or with vLLM `VLLMBackend.master()` names."""
         self._require_model()
-        return {name: t.numpy().copy() for name, t in self.weights.master.items()}
+        master = self.backend.master() if self._vllm else self.weights.master
+        return {name: np.array(t, dtype=np.float32) for name, t in master.items()}
 
     def import_master(self, master: dict[str, Any]) -> str:
         """Replaces the weights with `export_master()` output of another engine; returns the fingerprint.
@@ -210,32 +240,67 @@ class EngineActor:
         import torch
 
         # torch.tensor copies: arrays from Ray's object store are read-only.
-        self.weights.load_master({name: torch.tensor(array) for name, array in master.items()})
+        tensors = {name: torch.tensor(array) for name, array in master.items()}
+        if self._vllm:
+            return self.backend.load_master(tensors)
+        self.weights.load_master(tensors)
         return self.weights.fingerprint()
 
     def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
         """Writes the model into `checkpoint_dir`/model (a Hugging Face directory, safetensors) and, when
         the weights are not float32, the fp32 master into `checkpoint_dir`/master.safetensors.
 
+        With vLLM on GPUs the model is written from the master in the checkpoint's layout (the ranks'
+        shards joined), so it loads in transformers and vLLM alike. On TPUs the master is in
+        tpu-inference's layout: `model` is then a copy of the loaded model directory and the trained
+        weights are in master.safetensors (leaf names), which `load_model(master_path=...)` reads.
+
         Returns:
             {"model": path, "master": path or None, "fingerprint": str}.
         """
         self._require_model()
-        model = self.save(str(Path(checkpoint_dir) / "model"))
-        master = None
-        if any(p.dtype != self.weights.master[name].dtype for name, p in self.weights.params.items()):
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            master = str(Path(checkpoint_dir) / "master.safetensors")
-            save_file(self.weights.master, master)
-        return {"model": model, "master": master, "fingerprint": self.weights.fingerprint()}
+        model_out, master_out = Path(checkpoint_dir) / "model", Path(checkpoint_dir) / "master.safetensors"
+        if not self._vllm:
+            model = self.save(str(model_out))
+            master = None
+            if any(p.dtype != self.weights.master[name].dtype for name, p in self.weights.params.items()):
+                master = str(master_out)
+                save_file(self.weights.master, master)
+            return {"model": model, "master": master, "fingerprint": self.weights.fingerprint()}
+        import torch
+
+        from engine.vllm_backend import write_model_dir
+
+        tensors = {name: torch.as_tensor(np.asarray(t)) for name, t in self.backend.master().items()}
+        with _atomic_dir(model_out) as tmp:
+            if not self.backend.checkpoint_layout:
+                shutil.copytree(self.backend.model_dir, tmp, dirs_exist_ok=True)
+            else:
+                write_model_dir(self.backend.model_dir, tensors, self.backend.dtype, tmp)
+        master = None
+        if not self.backend.checkpoint_layout or self.backend.dtype != "float32":
+            master = str(master_out)
+            save_file(tensors, master)
+        return {"model": str(model_out), "master": master, "fingerprint": self.backend.fingerprint()}
 
     def save(self, out_dir: str) -> str:
         """Saves model (safetensors) and tokenizer as a Hugging Face directory, atomically (written to a
-        temporary sibling, then renamed over `out_dir`). Returns out_dir."""
+        temporary sibling, then renamed over `out_dir`). Returns out_dir. Transformers backend only
+        (vLLM: `save_checkpoint`)."""
         self._require_model()
+        if self._vllm:
+            raise RuntimeError("save() is for the transformers backend; with vLLM use save_checkpoint()")
         out = Path(out_dir)
         with _atomic_dir(out) as tmp:
             self.backend.model.save_pretrained(tmp, safe_serialization=True)
             self.backend.tokenizer.save_pretrained(tmp)
         return str(out)
+
+
+def _read_master(path: str) -> dict[str, Any]:
+    """A `master.safetensors`: name -> float32 CPU tensor."""
+    from safetensors.torch import load_file
+
+    return load_file(path)

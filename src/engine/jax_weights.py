@@ -138,6 +138,28 @@ class JaxWeights:
                 m += np.asarray(u)
         self._from_master()
 
+    def load_master(self, arrays: dict[str, Any]) -> None:
+        """Replaces the fp32 master with `arrays` (leaf name -> array of the leaf's shape, converted to
+        float32) and writes it into the leaves. Used to resume and to resync an engine.
+
+        Raises:
+            RuntimeError: the weights are perturbed.
+            ValueError: the names differ from the leaves', or a shape differs (named).
+        """
+        if self._active is not None:
+            raise RuntimeError("cannot load a master into perturbed weights; call restore() first")
+        if set(arrays) != set(self.names):
+            missing, extra = sorted(set(self.names) - set(arrays)), sorted(set(arrays) - set(self.names))
+            raise ValueError(
+                f"master does not match the weights: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for i, name in enumerate(self.names):
+            value = np.asarray(arrays[name], dtype=np.float32)
+            if value.shape != self.master[i].shape:
+                raise ValueError(f"master {name!r}: shape {value.shape}, leaf {self.master[i].shape}")
+            self.master[i][...] = value
+        self._from_master()
+
     def fingerprint(self) -> str:
         """SHA-256 (hex) over every leaf's name, dtype, shape and bytes; equal iff bit-identical."""
         digest = hashlib.sha256()

@@ -21,7 +21,7 @@ exactly what "master" writes back.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -30,11 +30,19 @@ from shared.seeds import noise_seed
 RESTORE_MODES = ("master", "subtract", "device")
 
 
-def noise_like(param: torch.Tensor, member_seed: int, name: str) -> torch.Tensor:
-    """The member's float32 noise for one parameter, on the parameter's device, shape `param.shape`."""
-    generator = torch.Generator(device=param.device)
+def noise_like(
+    param: torch.Tensor, member_seed: int, name: str, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The member's float32 noise for one parameter: shape `param.shape` (`param` may be a meta tensor),
+    on `device` (default: the parameter's)."""
+    device = param.device if device is None else torch.device(device)
+    generator = torch.Generator(device=device)
     generator.manual_seed(noise_seed(member_seed, name))
-    return torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device)
+    return torch.randn(param.shape, generator=generator, dtype=torch.float32, device=device)
+
+
+# noise(parameter name, parameter, member seed) -> float32 noise shaped and placed like the parameter.
+NoiseFn = Callable[[str, torch.Tensor, int], torch.Tensor]
 
 
 class TorchWeights:
@@ -46,22 +54,21 @@ class TorchWeights:
             from an unperturbed copy of the weights kept on the device; one more set of parameters in
             device memory, much faster on GPUs) or "subtract" (the reference: subtract the same noise
             again, which is inexact in low precision).
-        noise_key_prefix: prepended to each parameter name in the noise seed. Empty for a whole model;
-            a vLLM tensor-parallel rank holding one shard of each weight uses e.g. "tp1of2/", so that
-            the shards of one weight get independent noise (same-named shards would otherwise get the
-            same noise, the reference's issue #46 across shards).
+        noise: where a parameter's noise comes from; default `noise_like` of its name. vLLM workers,
+            whose parameters are fused and sharded, pass `engine.vllm_layout.HFLayout.noise`: the noise of
+            the checkpoint tensors, placed where vLLM keeps them.
 
     Raises:
         ValueError: unknown restore_mode.
     """
 
     def __init__(
-        self, model: torch.nn.Module, restore_mode: str = "master", noise_key_prefix: str = ""
+        self, model: torch.nn.Module, restore_mode: str = "master", noise: NoiseFn | None = None
     ) -> None:
         if restore_mode not in RESTORE_MODES:
             raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
         self.restore_mode = restore_mode
-        self.noise_key_prefix = noise_key_prefix
+        self.noise_fn = noise
         self.params = dict(sorted(model.named_parameters()))
         pin = any(p.device.type == "cuda" for p in self.params.values())
         self.master = {}
@@ -86,8 +93,10 @@ class TorchWeights:
             self.device_copy[name].copy_(p)
 
     def _noise(self, p: torch.Tensor, seed: int, name: str) -> torch.Tensor:
-        """`noise_like` for parameter `name` under this instance's noise key prefix."""
-        return noise_like(p, seed, self.noise_key_prefix + name)
+        """The float32 noise of parameter `name` for member `seed` (a fresh tensor, shaped like `p`)."""
+        if self.noise_fn is None:
+            return noise_like(p, seed, name)
+        return self.noise_fn(name, p, seed)
 
     @property
     def perturbed(self) -> bool:

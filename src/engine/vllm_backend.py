@@ -16,6 +16,8 @@ never imports JAX (its resolve lacks it), so it cannot initialise a TPU.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,17 @@ class VLLMBackend:
         deterministic: deterministic cuBLAS workspaces (`engine.hf_backend.use_deterministic_cublas`, read
             when the workers start) so that identical weights give identical completions across engines
             and restarts.
-        llm_kwargs: further `vllm.LLM` arguments (e.g. `enforce_eager=True`).
+        llm_kwargs: further `vllm.LLM` arguments (e.g. `enforce_eager=True`). With
+            `tensor_parallel_size` > 1 on GPUs the workers are processes of this one
+            (`distributed_executor_backend="mp"`) on the GPUs Ray gave the engine actor, unless given.
+        llm: an already built `vllm.LLM` whose `worker_extension_cls` is `worker_extension(...)` (or an
+            object with its `collective_rpc` and `generate`, as the tests use); the other vLLM settings
+            are then ignored.
+
+    Attributes:
+        workers: each worker's `es_setup()` result, in rank order.
+        checkpoint_layout: True when the master is in the checkpoint's layout (torch workers), False
+            when it is in the runner's (tpu-inference's JAX state).
 
     Raises:
         ValueError: from vLLM, for an unreadable model directory or an unsupported setting.
@@ -72,14 +84,46 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.85,
         restore_mode: str = "master",
         deterministic: bool = True,
+        llm: Any = None,
         **llm_kwargs: Any,
     ) -> None:
+        self.model_dir = Path(model_dir)
+        self.dtype = dtype
+        self.llm = (
+            llm
+            if llm is not None
+            else self._build(
+                model_dir,
+                dtype,
+                tensor_parallel_size,
+                max_model_len,
+                gpu_memory_utilization,
+                deterministic,
+                llm_kwargs,
+            )
+        )
+        self.workers = self.llm.collective_rpc("es_setup", kwargs={"restore_mode": restore_mode})
+        self.checkpoint_layout = self.workers[0]["layout"] == "checkpoint"
+
+    @staticmethod
+    def _build(
+        model_dir: str | Path,
+        dtype: str,
+        tensor_parallel_size: int,
+        max_model_len: int,
+        gpu_memory_utilization: float,
+        deterministic: bool,
+        llm_kwargs: dict[str, Any],
+    ) -> Any:
         from vllm import LLM
         from vllm.platforms import current_platform
 
         if deterministic:
             use_deterministic_cublas()
-        self.llm = LLM(
+        is_tpu = current_platform.is_tpu()
+        if tensor_parallel_size > 1 and not is_tpu:
+            llm_kwargs.setdefault("distributed_executor_backend", "mp")
+        return LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
             dtype=dtype,
@@ -87,11 +131,10 @@ class VLLMBackend:
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=False,
-            worker_extension_cls=worker_extension(current_platform.is_tpu()),
+            worker_extension_cls=worker_extension(is_tpu),
             seed=0,
             **llm_kwargs,
         )
-        self.workers = self.llm.collective_rpc("es_setup", kwargs={"restore_mode": restore_mode})
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 0) -> list[Completion]:
         """Greedy completions of `prompts`, in order (`batch_size` is ignored: vLLM schedules batches).
@@ -126,6 +169,62 @@ class VLLMBackend:
         """SHA-256 over the workers' fingerprints in rank order: equal across engines exactly when every
         shard is bit-identical."""
         return combine(self.llm.collective_rpc("es_fingerprint"))
+
+    def master(self) -> dict[str, Any]:
+        """The fp32 master, name -> float32 CPU tensor. On GPUs in the checkpoint's layout (Hugging Face
+        names and shapes, the ranks' shards joined by `engine.vllm_layout.merge_parts`); on TPUs in the
+        runner's layout (tpu-inference state leaves, `engine.jax_weights.leaf_names`)."""
+        if not self.checkpoint_layout:
+            return self.llm.collective_rpc("es_master")[0]
+        from engine.vllm_layout import merge_parts
+
+        return merge_parts(self.llm.collective_rpc("es_master_part"))
+
+    def load_master(self, tensors: dict[str, Any]) -> str:
+        """Replaces the weights on every worker by `master()` output of an engine of the same model and
+        layout (a resync, or a checkpoint's master); returns `fingerprint()`.
+
+        Raises:
+            ValueError: the master does not match (a missing tensor or another shape, named).
+        """
+        return combine(self.llm.collective_rpc("es_load_master", args=(tensors,)))
+
+
+# Weight files of a Hugging Face model directory; `write_model_dir` copies everything else.
+_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt")
+
+
+def write_model_dir(source_dir: str | Path, tensors: dict[str, Any], dtype: str, out_dir: str | Path) -> Path:
+    """Writes a Hugging Face model directory: `tensors` (checkpoint name -> tensor, cast to `dtype`) as
+    `model.safetensors`, and every other top-level file of `source_dir` (config, tokenizer, generation
+    config) copied, with the config's `dtype` set to `dtype`. `out_dir` is created, or must be empty
+    (callers write into a temporary directory and rename it).
+
+    Raises:
+        ValueError: unknown dtype. OSError: from reading or writing the files.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.hf_backend import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source, out = Path(source_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {p for pattern in _WEIGHT_PATTERNS for p in source.glob(pattern)}
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path not in weights:
+            shutil.copy2(path, out / path.name)
+    config_path = out / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {name: torch.as_tensor(t).to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def combine(fingerprints: list[str]) -> str:

@@ -8,8 +8,9 @@ without ever leaving the device (vLLM's documented pattern for RL weight updates
 
 - `TorchWorkerExtension`, for CUDA vLLM: the worker's `model_runner.get_model()` is a torch module holding
   this rank's shard of every weight (vLLM's fused layout: `qkv_proj`, `gate_up_proj`). The ES-core
-  `engine.torch_weights.TorchWeights` does the work, with a per-rank noise key prefix so that the shards of
-  one weight get independent noise.
+  `engine.torch_weights.TorchWeights` does the work, with the noise drawn per checkpoint tensor and placed
+  by vLLM's own loader (`engine.vllm_layout`): every rank applies the same perturbation of the same
+  Hugging Face model, at any tensor-parallel degree, and the master moves in the checkpoint's layout.
 - `JaxWorkerExtension`, for tpu-inference on TPU: the worker's `model_runner.state` is the pytree of JAX
   arrays whose leaves (`model_runner.state_leaves`) the compiled model function takes as input.
   `engine.jax_weights.JaxWeights` replaces its leaves by same-shape, same-dtype, same-sharding arrays
@@ -37,24 +38,30 @@ class TorchWorkerExtension:
         return self.model_runner.get_model()
 
     def es_setup(self, restore_mode: str = "master") -> dict[str, Any]:
-        """Wraps this rank's parameters in `TorchWeights`. Call once after the `LLM` is built.
+        """Wraps this rank's parameters in `TorchWeights`, with the noise of the checkpoint's tensors
+        (`engine.vllm_layout.HFLayout` over the model directory vLLM loaded). Call once after the `LLM`
+        is built.
 
         Returns:
-            {"rank": int, "world_size": int (tensor-parallel), "parameters": int (this rank's),
-            "fingerprint": str}.
+            {"layout": "checkpoint" (the master's), "rank": int, "world_size": int (tensor-parallel),
+            "parameters": int (this rank's), "fingerprint": str}.
+
+        Raises:
+            engine.vllm_layout.LayoutError: the checkpoint does not map onto vLLM's parameters.
         """
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
         from engine.torch_weights import TorchWeights
+        from engine.vllm_layout import HFLayout, checkpoint_shapes
 
-        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        prefix = f"tp{rank}of{world}/" if world > 1 else ""
-        self._es_weights = TorchWeights(self._es_model(), restore_mode=restore_mode, noise_key_prefix=prefix)
-        parameters = sum(p.numel() for p in self._es_weights.params.values())
+        model = self._es_model()
+        self._es_layout = HFLayout(model, checkpoint_shapes(self.model_config.model))
+        self._es_weights = TorchWeights(model, restore_mode=restore_mode, noise=self._es_layout.noise)
         return {
-            "rank": rank,
-            "world_size": world,
-            "parameters": parameters,
+            "layout": "checkpoint",
+            "rank": get_tensor_model_parallel_rank(),
+            "world_size": get_tensor_model_parallel_world_size(),
+            "parameters": sum(p.numel() for p in self._es_weights.params.values()),
             "fingerprint": self._es_weights.fingerprint(),
         }
 
@@ -75,18 +82,22 @@ class TorchWorkerExtension:
         """SHA-256 of this rank's parameters (`TorchWeights.fingerprint`)."""
         return self._es_weights.fingerprint()
 
-    def es_save_shard(self, path: str) -> str:
-        """Writes this rank's parameters (vLLM's layout and shard shapes) to `path` (safetensors); returns
-        it. Parameters that share storage (tied embeddings) are written once, under their first name."""
-        from safetensors.torch import save_file
+    def es_master_part(self) -> dict[str, tuple[Any, Any]]:
+        """This rank's part of the fp32 master in the checkpoint's layout (`HFLayout.to_checkpoint`):
+        checkpoint name -> (float32 values, bool mask of the elements this rank holds), CPU tensors."""
+        return self._es_layout.to_checkpoint(self._es_weights.master)
 
-        tensors, seen = {}, set()
-        for name, p in self._es_weights.params.items():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                tensors[name] = p.detach().cpu().contiguous()
-        save_file(tensors, path)
-        return path
+    def es_load_master(self, tensors: dict[str, Any]) -> str:
+        """Replaces the weights by a full fp32 master in the checkpoint's layout (checkpoint name ->
+        tensor), keeping this rank's shard; returns this rank's fingerprint.
+
+        Raises:
+            engine.vllm_layout.LayoutError: a tensor is missing or has another shape.
+        """
+        master = {name: t.clone() for name, t in self._es_weights.master.items()}
+        self._es_layout.from_checkpoint(tensors, master)
+        self._es_weights.load_master(master)
+        return self._es_weights.fingerprint()
 
 
 class JaxWorkerExtension:
@@ -105,7 +116,8 @@ class JaxWorkerExtension:
         """Wraps the runner's weights in `JaxWeights`. Call once after the `LLM` is built.
 
         Returns:
-            {"leaves": int, "parameters": int, "fingerprint": str}.
+            {"layout": "tpu-inference" (the master's: the runner's state leaves), "leaves": int,
+            "parameters": int, "fingerprint": str}.
         """
         from engine.jax_weights import JaxWeights  # pants: no-infer-dep (TPU engine only; no JAX on GPUs)
 
@@ -113,6 +125,7 @@ class JaxWorkerExtension:
         self._es_compiled: int | None = None
         self._es_publish()
         return {
+            "layout": "tpu-inference",
             "leaves": len(self._es_weights.master),
             "parameters": int(sum(m.size for m in self._es_weights.master)),
             "fingerprint": self._es_weights.fingerprint(),
@@ -148,6 +161,16 @@ class JaxWorkerExtension:
 
     def es_fingerprint(self) -> str:
         """SHA-256 of the weights (`JaxWeights.fingerprint`)."""
+        return self._es_weights.fingerprint()
+
+    def es_master(self) -> dict[str, Any]:
+        """The fp32 master in the runner's layout: leaf name (`jax_weights.leaf_names`) -> numpy array."""
+        return dict(zip(self._es_weights.names, self._es_weights.master, strict=True))
+
+    def es_load_master(self, arrays: dict[str, Any]) -> str:
+        """`JaxWeights.load_master` (leaf name -> array), publishes the arrays; returns the fingerprint."""
+        self._es_weights.load_master(arrays)
+        self._es_publish()
         return self._es_weights.fingerprint()
 
     def es_compilations(self) -> int:

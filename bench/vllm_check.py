@@ -1,0 +1,173 @@
+"""vLLM check of the ES operations inside a real vLLM engine, on GPUs (CUDA vLLM) or TPU chips (tpu-inference).
+
+    ./pants run bench:vllm_check-gpu -- [--tensor-parallel-size 2] [--json FILE]   # GPU machine
+    ./pants run bench:vllm_check -- [--tensor-parallel-size 4] [--json FILE]       # TPU VM
+    PEX_MODULE=vllm_check python3.12 vllm_check.pex [...]                          # a shipped PEX
+
+Runs inside an engine environment (the engine PEX on TPU VMs, the engine-gpu PEX on GPU machines).
+Without vLLM or without an accelerator it prints `SKIP: ...` and exits 0.
+
+It creates a random Qwen2 model of about 0.5 B parameters (Qwen2.5-0.5B's layer shapes, as
+`bench/gpu_check.py`; or `--model-dir`), starts one `engine.vllm_backend.VLLMBackend` on it (bf16, greedy,
+prefix caching off) and checks:
+  exact restore      perturb then restore gives back the same fingerprint and the same greedy completions;
+  same noise         perturbing twice with one seed gives the same fingerprint; another seed differs;
+  perturbs rollouts  a perturbation (sigma 0.001, the paper's) changes some completions;
+  update             `apply_update` changes the fingerprint, and `master()` is the checkpoint's layout
+                     (GPUs: equal, bit for bit, to the transformers backend's master after the same update
+                     on the same device: vLLM's noise is the transformers backend's noise);
+  no recompilation   TPU: the compiled perturbation count stays 1 over 5 perturbations (tpu-inference).
+Then it times (medians over 5): perturb + restore, greedy generation of the prompts, and their ratio.
+Exit status: 0 when every check passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpu_check import QWEN2_5_0_5B_LAYER
+
+SIGMA = 0.001  # Qiu et al. 2025, Sec. 4
+
+
+def accelerator() -> str | None:
+    """"cuda" or "tpu" when this machine has one and vLLM is importable, else None."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    if current_platform.is_tpu():
+        import jax
+
+        return "tpu" if jax.devices()[0].platform == "tpu" else None
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, list[tuple[str, bool, str]]]:
+    """Starts the engine on `model_dir`, runs the checks and timings of the module docstring; returns
+    (results: seconds and ratios; checks: (name, ok, detail))."""
+    from engine.vllm_backend import VLLMBackend
+    from shared.countdown import make_prompt
+
+    backend = VLLMBackend(
+        model_dir,
+        dtype="bfloat16",
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_model_len=512,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    prompts = [make_prompt([3 + i, 7, 11 + i], 20 + i) for i in range(args.prompts)]
+    checks = []
+
+    def completions() -> list[str]:
+        return [c.text for c in backend.generate(prompts, args.max_new_tokens)]
+
+    base, texts = backend.fingerprint(), completions()
+    backend.perturb(1, SIGMA)
+    perturbed_texts, first = completions(), backend.fingerprint()
+    backend.restore()
+    checks.append(("exact restore", backend.fingerprint() == base and completions() == texts, base[:12]))
+    backend.perturb(1, SIGMA)
+    again = backend.fingerprint()
+    backend.restore()
+    backend.perturb(2, SIGMA)
+    other = backend.fingerprint()
+    backend.restore()
+    checks.append(("same noise", again == first != other, f"{first[:12]} / seed 2: {other[:12]}"))
+    changed = sum(a != b for a, b in zip(texts, perturbed_texts, strict=True))
+    checks.append(("perturbs rollouts", changed > 0, f"{changed}/{len(prompts)} completions changed"))
+
+    def cycle() -> None:
+        backend.perturb(3, SIGMA)
+        backend.restore()
+        backend.fingerprint()  # waits for the device
+
+    fingerprint_s = median_seconds(backend.fingerprint)
+    perturb_restore_s = max(median_seconds(cycle) - fingerprint_s, 0.0)
+    generate_s = median_seconds(completions, repeats=3)
+    if kind == "tpu":
+        counts = []
+        for seed in range(5):
+            backend.perturb(seed, SIGMA)
+            backend.restore()
+            counts.append(max(backend.llm.collective_rpc("es_compilations")))
+        checks.append(("no recompilation", set(counts) == {1}, f"compiled versions {counts}"))
+
+    updated = backend.apply_update([(1, 0.5 * SIGMA), (2, -0.25 * SIGMA)])
+    detail = f"{base[:12]} -> {updated[:12]}"
+    ok = updated != base
+    if kind == "cuda":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from engine.torch_weights import TorchWeights
+
+        master = backend.master()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda")
+        reference = TorchWeights(model)
+        reference.apply_update([(1, 0.5 * SIGMA), (2, -0.25 * SIGMA)])
+        differ = [n for n in reference.master if not torch.equal(master[n], reference.master[n])]
+        ok = ok and set(master) == set(reference.master) and not differ
+        detail += f"; master vs transformers backend: {len(differ)} of {len(master)} tensors differ"
+    checks.append(("update", ok, detail))
+    results = {
+        "accelerator": kind,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "parameters": sum(w["parameters"] for w in backend.workers),
+        "perturb_restore_s": perturb_restore_s,
+        "generate_s": generate_s,
+        "perturb_restore_share": perturb_restore_s / (perturb_restore_s + generate_s),
+    }
+    return results, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", help="a Hugging Face model directory (default: a random ~0.5 B Qwen2)")
+    parser.add_argument("--layers", type=int, default=32, help="layers of the random model")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--json", help="also write the results and checks to this file")
+    args = parser.parse_args(argv)
+    kind = accelerator()
+    if kind is None:
+        print("SKIP: no vLLM with a GPU or TPU here (run it inside the engine PEX on such a machine)")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model_dir) if args.model_dir else None
+        if model_dir is None:
+            from engine.tiny_model import make_tiny_model
+
+            model_dir = make_tiny_model(Path(tmp) / "model", num_layers=args.layers, **QWEN2_5_0_5B_LAYER)
+        print(f"engine on {model_dir} ({kind}, tensor parallel {args.tensor_parallel_size})")
+        results, checks = run(args, model_dir, kind)
+    for name, ok, detail in checks:
+        print(f"{'ok  ' if ok else 'FAIL'} {name:18s} {detail}")
+    for name, value in results.items():
+        print(f"{name:24s} {value:.4g}" if isinstance(value, float) else f"{name:24s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "checks": checks}, indent=2) + "\n")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

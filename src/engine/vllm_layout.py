@@ -1,0 +1,243 @@
+"""The Hugging Face parameter space inside a vLLM worker: maps tensors named and shaped as in the model's
+checkpoint into the worker's parameters (fused, sharded, padded) and back, with the model's own weight
+loading.
+
+vLLM stores a checkpoint's weights in its own layout: `q_proj`, `k_proj` and `v_proj` fused into one
+`qkv_proj`, `gate_proj` and `up_proj` into `gate_up_proj`, every tensor-parallel rank holding only its
+shard (key/value heads replicated where there are fewer than ranks), the vocabulary padded. ES noise
+drawn per vLLM parameter would depend on that layout and on the tensor-parallel degree, and replicated
+weights would get a different perturbation on every rank (an incoherent model). So the ES operations
+draw noise per checkpoint tensor, exactly as the transformers backend does (`engine.torch_weights.noise_like`
+with the checkpoint name and shape), and place it where vLLM keeps that tensor: the same perturbation on
+every rank, at any tensor-parallel degree, bit-identical to the transformers backend's on the same device.
+Checkpoints and resyncs move the fp32 master in the checkpoint's layout too, so a checkpoint is a plain
+Hugging Face model directory.
+
+The placing is vLLM's own loading code: `model.load_weights([(name, tensor)])`, the call vLLM's
+documented RLHF weight-update pattern makes, with every parameter's `weight_loader` temporarily wrapped
+so that it writes into a scratch tensor (or the master) instead of the live weights. Whatever the model's
+`load_weights` does (stacked-parameter mapping, sharding, skipping tied or rotary tensors) therefore
+applies unchanged; nothing here knows a model architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from engine.torch_weights import noise_like
+
+_ABSENT = object()
+
+
+class LayoutError(ValueError):
+    """The checkpoint and the vLLM model do not map onto each other as this module needs."""
+
+
+def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of every tensor in the `*.safetensors` files of a Hugging Face model directory
+    (read from the file headers; nothing is loaded).
+
+    Raises:
+        LayoutError: the directory holds no safetensors file.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise LayoutError(f"{model_dir}: no *.safetensors file (the vLLM backend needs safetensors weights)")
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+class HFLayout:
+    """The map between a checkpoint's tensors and one vLLM worker's parameters.
+
+    Args:
+        model: the worker's `torch.nn.Module` (`worker.model_runner.get_model()`), whose `load_weights`
+            takes (checkpoint name, tensor) pairs.
+        shapes: checkpoint tensor name -> shape (`checkpoint_shapes`). Tensors the model does not load
+            (tied `lm_head.weight`, rotary buffers) are dropped.
+
+    Attributes:
+        routes: checkpoint name -> the vLLM parameter name it is loaded into, for every tensor the model
+            loads (sorted by checkpoint name). These are the ES parameters.
+        shapes: checkpoint name -> shape, for the same names.
+
+    Raises:
+        LayoutError: a checkpoint tensor is loaded into more than one parameter, or a parameter has a
+            `weight_loader` that cannot be wrapped.
+    """
+
+    def __init__(self, model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self._names = {id(p): name for name, p in self.params.items()}
+        self._into: dict[str, torch.Tensor] = {}
+        self._calls: list[str] = []
+        routes: dict[str, str] = {}
+        with self._wrapped(record=True):
+            for name in sorted(shapes):
+                self._calls.clear()
+                self.model.load_weights([(name, torch.empty(shapes[name], device="meta"))])
+                if len(set(self._calls)) > 1:
+                    raise LayoutError(
+                        f"checkpoint tensor {name!r} is loaded into several parameters: {self._calls}"
+                    )
+                if self._calls:
+                    routes[name] = self._calls[0]
+        self.routes = routes
+        self.shapes = {name: tuple(shapes[name]) for name in routes}
+        self.sources: dict[str, list[str]] = {}
+        for name, target in routes.items():
+            self.sources.setdefault(target, []).append(name)
+
+    # ---- the wrapped loaders -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _wrapped(self, record: bool = False) -> Iterator[None]:
+        """Replaces every parameter's `weight_loader` by one that, instead of writing the live parameter,
+        records the call (`record`) or runs the original loader with the parameter's `.data` swapped for
+        `self._into[name]`."""
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        saved = {}
+        for name, param in self.params.items():
+            # A property on vLLM's own parameter classes (BasevLLMParameter), a plain attribute otherwise.
+            saved[name] = getattr(param, "weight_loader", _ABSENT)
+            original = default_weight_loader if saved[name] is _ABSENT else saved[name]
+            try:
+                param.weight_loader = self._loader(name, original, record)
+            except AttributeError as e:
+                raise LayoutError(
+                    f"parameter {name!r} ({type(param).__name__}): cannot wrap its weight_loader"
+                ) from e
+        try:
+            yield
+        finally:
+            for name, param in self.params.items():
+                if saved[name] is _ABSENT:
+                    del param.weight_loader
+                else:
+                    param.weight_loader = saved[name]
+
+    def _loader(self, name: str, original, record: bool):
+        def loader(param: torch.nn.Parameter, loaded: torch.Tensor, *args, **kwargs) -> None:
+            if record:
+                self._calls.append(name)
+                return
+            if name not in self._into:
+                raise LayoutError(f"unexpected load into parameter {name!r}")
+            live = param.data
+            param.data = self._into[name]
+            try:
+                original(param, loaded, *args, **kwargs)
+            finally:
+                param.data = live
+
+        return loader
+
+    def _load(self, name: str, tensor: torch.Tensor, into: torch.Tensor) -> None:
+        """Runs the model's loading of checkpoint tensor `name` = `tensor` into `into` (a tensor shaped
+        like the parameter `routes[name]`) instead of the parameter."""
+        self._into = {self.routes[name]: into}
+        try:
+            self.model.load_weights([(name, tensor)])
+        finally:
+            self._into = {}
+
+    # ---- the operations -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def noise(self, name: str, param: torch.Tensor, seed: int) -> torch.Tensor:
+        """The member's noise for vLLM parameter `name`, float32, shaped and placed like `param`: each
+        checkpoint tensor loaded into it gets `noise_like` of its checkpoint name and shape, placed as vLLM
+        places that tensor; elements no checkpoint tensor fills (vocabulary padding) get 0. Plugs into
+        `TorchWeights(noise=...)`."""
+        out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        with self._wrapped():
+            for source in self.sources.get(name, ()):
+                shape = torch.empty(self.shapes[source], device="meta")
+                self._load(source, noise_like(shape, seed, source, device=param.device), out)
+        return out
+
+    @torch.no_grad()
+    def to_checkpoint(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Gathers vLLM-layout tensors (parameter name -> tensor, e.g. the fp32 master) into the
+        checkpoint layout: checkpoint name -> (float32 values of the checkpoint shape, on the CPU; bool
+        mask of the elements this worker holds). With tensor parallelism each rank holds part of a
+        sharded tensor; `merge_parts` joins the ranks' results.
+
+        The positions are found by loading the element indices (1-based, float64: exact up to 2**53
+        elements) through the model's loader.
+        """
+        out = {}
+        with self._wrapped():
+            for name, shape in self.shapes.items():
+                target = self.routes[name]
+                source = tensors[target]
+                probe = torch.zeros(source.shape, dtype=torch.float64, device=self.params[target].device)
+                numel = int(torch.Size(shape).numel())
+                # 1-based: loaders write 0 into what they do not fill (the vocabulary padding).
+                index = torch.arange(1, numel + 1, dtype=torch.float64, device=probe.device).reshape(shape)
+                self._load(name, index, probe)
+                held = probe > 0
+                positions = probe[held].long().cpu() - 1
+                values = torch.zeros(numel, dtype=torch.float32)
+                covered = torch.zeros(numel, dtype=torch.bool)
+                values[positions] = source.detach().to(device="cpu", dtype=torch.float32)[held.cpu()]
+                covered[positions] = True
+                out[name] = (values.reshape(shape), covered.reshape(shape))
+        return out
+
+    @torch.no_grad()
+    def from_checkpoint(self, tensors: Mapping[str, torch.Tensor], into: Mapping[str, torch.Tensor]) -> None:
+        """Loads checkpoint-layout tensors (checkpoint name -> tensor of the checkpoint shape) into
+        vLLM-layout tensors `into` (parameter name -> tensor, e.g. the fp32 master), in place, with the
+        model's loader (so each rank keeps its shard).
+
+        Raises:
+            LayoutError: `tensors` lacks a checkpoint tensor or one has another shape.
+        """
+        missing = sorted(set(self.shapes) - set(tensors))
+        if missing:
+            raise LayoutError(f"checkpoint tensors missing: {missing[:5]}")
+        with self._wrapped():
+            for name, shape in self.shapes.items():
+                value = torch.as_tensor(tensors[name])
+                if tuple(value.shape) != shape:
+                    raise LayoutError(
+                        f"checkpoint tensor {name!r}: shape {tuple(value.shape)}, expected {shape}"
+                    )
+                target = into[self.routes[name]]
+                self._load(name, value.to(device=target.device, dtype=target.dtype), target)
+
+
+def merge_parts(
+    parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+) -> dict[str, torch.Tensor]:
+    """Joins the ranks' `HFLayout.to_checkpoint` results into full checkpoint tensors (float32).
+
+    Raises:
+        LayoutError: an element of a tensor is held by no rank.
+    """
+    merged = {}
+    for name in parts[0]:
+        values, covered = parts[0][name][0].clone(), parts[0][name][1].clone()
+        for part in parts[1:]:
+            other, held = part[name]
+            values[held] = other[held]
+            covered |= held
+        if not bool(covered.all()):
+            raise LayoutError(f"checkpoint tensor {name!r}: {int((~covered).sum())} elements held by no rank")
+        merged[name] = values
+    return merged
