@@ -1,4 +1,4 @@
-"""vLLM check of the ES operations inside a real vLLM engine, on GPUs (CUDA vLLM) or TPU chips (tpu-inference).
+"""vLLM check of the ES operations inside a real vLLM engine, on GPUs (CUDA vLLM) or TPUs (tpu-inference).
 
     ./pants run bench:vllm_check-gpu -- [--tensor-parallel-size 2] [--json FILE]   # GPU machine
     ./pants run bench:vllm_check -- [--tensor-parallel-size 4] [--json FILE]       # TPU VM
@@ -37,7 +37,7 @@ SIGMA = 0.001  # Qiu et al. 2025, Sec. 4
 
 
 def accelerator() -> str | None:
-    """"cuda" or "tpu" when this machine has one and vLLM is importable, else None."""
+    """ "cuda" or "tpu" when this machine has one and vLLM is importable, else None."""
     try:
         from vllm.platforms import current_platform
     except ImportError:

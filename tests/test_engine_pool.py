@@ -61,6 +61,21 @@ def test_toy_engines_start_and_run_inside_the_pex(ray_cluster, tmp_path):
         pool.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_gpus": 1}, "each engine asks for GPU=1, but the Ray cluster has GPU=0"),
+        ({"resources": {"TPU": 4}}, "each engine asks for TPU=4, but the Ray cluster has TPU=0"),
+    ],
+)
+def test_resources_the_cluster_lacks_fail_at_once_instead_of_pending(
+    ray_cluster, tmp_path, overrides, message
+):
+    # The error names the resource (a pending actor would instead end in the deadline's message).
+    with pytest.raises(EngineStartError, match=message):
+        EnginePool.start(spec(tmp_path, **overrides))
+
+
 def test_missing_pex_is_a_preflight_error(ray_cluster, tmp_path):
     with pytest.raises(EnginePreflightError, match=r"engine PEX not found: .*nowhere\.pex.*./pants package"):
         EnginePool.start(spec(tmp_path, pex=tmp_path / "nowhere.pex"))

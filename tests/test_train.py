@@ -164,3 +164,10 @@ def test_a_diverged_engine_is_resynced_from_a_healthy_one(reference_run, tmp_pat
     assert status == train.EXIT_OK
     expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
     assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
+
+
+def test_vllm_engines_asking_for_tpus_a_cluster_lacks_fail_at_once(ray_cluster, tmp_path, capsys):
+    argv = [*COMMON, "--backend", "vllm", "--engine-resources", "TPU=4", "--tensor-parallel-size", "4"]
+    status = train.main([*argv, "--iterations", "1", "--output-dir", str(tmp_path / "run")])
+    assert status == train.EXIT_FAILED
+    assert "each engine asks for TPU=4, but the Ray cluster has TPU=0" in capsys.readouterr().err

@@ -320,6 +320,25 @@ def ray_log_excerpt(offsets: dict[Path, int], max_lines: int = 20) -> str:
     return "\n".join("    " + line for line in list(found)[-max_lines:])
 
 
+def missing_resources(spec: EngineSpec) -> None:
+    """Fails fast when no node of the Ray cluster can ever hold one engine: Ray would keep such an actor
+    pending without an error (an "infeasible" task), and the pool would wait for its deadline.
+
+    Raises:
+        EngineStartError: one engine needs more of a resource (CPU, GPU, TPU, ...) than the cluster has in
+            total, naming the resource, both amounts and the option that asked for it.
+    """
+    wanted = {"CPU": spec.num_cpus, "GPU": spec.num_gpus, **spec.resources}
+    total = ray.cluster_resources()
+    for name, amount in wanted.items():
+        if amount and total.get(name, 0.0) < amount:
+            raise EngineStartError(
+                f"each engine asks for {name}={amount:g}, but the Ray cluster has {name}="
+                f"{total.get(name, 0.0):g} in total (nodes: {len(ray.nodes())}); lower the request "
+                "(--engine-cpus, --engine-gpus, --engine-resources) or start the engines' nodes first"
+            )
+
+
 @dataclass
 class EnginePool:
     """Running engine actors. `handles[i]` is a Ray actor handle of `EngineHost`; `reports[i]` its
@@ -351,8 +370,9 @@ class EnginePool:
 
         Raises:
             EnginePreflightError: see `preflight`.
-            EngineStartError: an engine failed to start (its error included) or the deadline passed (the
-                tail of Ray's logs about the failed worker starts included). No actor is left running.
+            EngineStartError: the Ray cluster lacks a resource an engine asks for (`missing_resources`),
+                an engine failed to start (its error included) or the deadline passed (the tail of Ray's
+                logs about the failed worker starts included). No actor is left running.
         """
         if check:
             preflight(spec)
@@ -363,6 +383,7 @@ class EnginePool:
     def _create(self, engine_ids: list[int]) -> tuple[list[Any], list[dict[str, Any]]]:
         """Creates one actor per engine id and waits for all to be ready (see `start`)."""
         spec = self.spec
+        missing_resources(spec)
         remote_host = ray.remote(EngineHost).options(
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus,
