@@ -23,7 +23,8 @@ applies unchanged; nothing here knows a model architecture.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -102,14 +103,15 @@ class HFLayout:
     # ---- the wrapped loaders -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _wrapped(self, record: bool = False) -> Iterator[None]:
-        """Replaces every parameter's `weight_loader` by one that, instead of writing the live parameter,
-        records the call (`record`) or runs the original loader with the parameter's `.data` swapped for
-        `self._into[name]`."""
+    def _wrapped(self, record: bool = False, names: Iterable[str] | None = None) -> Iterator[None]:
+        """Replaces the `weight_loader` of every parameter (or of `names`) by one that, instead of writing
+        the live parameter, records the call (`record`) or runs the original loader with the parameter's
+        `.data` swapped for `self._into[name]`."""
         from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+        params = self.params if names is None else {name: self.params[name] for name in names}
         saved = {}
-        for name, param in self.params.items():
+        for name, param in params.items():
             # A property on vLLM's own parameter classes (BasevLLMParameter), a plain attribute otherwise.
             saved[name] = getattr(param, "weight_loader", _ABSENT)
             original = default_weight_loader if saved[name] is _ABSENT else saved[name]
@@ -122,7 +124,7 @@ class HFLayout:
         try:
             yield
         finally:
-            for name, param in self.params.items():
+            for name, param in params.items():
                 if saved[name] is _ABSENT:
                     del param.weight_loader
                 else:
@@ -162,7 +164,9 @@ class HFLayout:
         places that tensor; elements no checkpoint tensor fills (vocabulary padding) get 0. Plugs into
         `TorchWeights(noise=...)`."""
         out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        with self._wrapped():
+        # Only this parameter's loader is wrapped (the routes, found with every loader wrapped, send these
+        # checkpoint tensors nowhere else): the per-perturbation cost stays one wrap per parameter.
+        with self._wrapped(names=[name]):
             for source in self.sources.get(name, ()):
                 shape = torch.empty(self.shapes[source], device="meta")
                 self._load(source, noise_like(shape, seed, source, device=param.device), out)
@@ -181,7 +185,8 @@ class HFLayout:
         elements) through the model's loader.
         """
         out = {}
-        with self._wrapped():
+        # vLLM's loader warns of every float64 tensor loaded into a lower-precision parameter.
+        with self._wrapped(), _quiet("vllm.model_executor.models.utils"):
             for name, shape in self.shapes.items():
                 target = self.routes[name]
                 source = tensors[target]
@@ -220,6 +225,18 @@ class HFLayout:
                     )
                 target = into[self.routes[name]]
                 self._load(name, value.to(device=target.device, dtype=target.dtype), target)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Raises a logger's level to ERROR for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def merge_parts(
