@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 class ToyEngine:
-    """Answers `where()` with the interpreter and prefix the actor runs in."""
+    """Answers `where()` with the interpreter and prefix the actor runs in, and the TPU chips Ray gave it."""
 
     def __init__(self, engine_id: int = 0) -> None:
         self.engine_id = engine_id
 
     def where(self) -> dict[str, str | int]:
-        return {"engine_id": self.engine_id, "executable": sys.executable, "prefix": sys.prefix}
+        return {
+            "engine_id": self.engine_id,
+            "executable": sys.executable,
+            "prefix": sys.prefix,
+            "tpu_visible_chips": os.environ.get("TPU_VISIBLE_CHIPS"),
+        }
