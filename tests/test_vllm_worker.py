@@ -20,13 +20,16 @@ import numpy as np
 import pytest
 import torch
 import vllm_cpu_model
+from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
+from vllm.v1.engine import UtilityOutput
+from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder, UtilityResult
 from vllm.v1.worker.worker_base import WorkerBase
 
 from engine.actor import EngineActor
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
-from engine.vllm_backend import write_model_dir
+from engine.vllm_backend import VLLMBackend, write_model_dir
 from engine.vllm_layout import LayoutError, merge_parts
 from engine.vllm_worker import JaxWorkerExtension, RecompilationError, TorchWorkerExtension
 
@@ -102,43 +105,44 @@ def test_checkpoint_tensors_are_routed_into_vllms_fused_parameters(vllm_model, m
 
 
 def test_es_operations_in_vllms_layout_equal_the_transformers_backends(vllm_model, model_dir):
-    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
-    setup = worker.es_setup()
-    assert setup["world_size"] == 1 and setup["parameters"] > 0
-    layout, reference = worker._es_layout, transformers_weights(model_dir)
+    engine = vllm_engine_backend(vllm_model, model_dir)
+    (setup,) = engine.workers
+    assert setup["world_size"] == 1 and setup["parameters"] > 0 and engine.checkpoint_layout
+    layout = engine.llm.workers[0]._es_layout
+    reference = transformers_weights(model_dir)
 
     def live() -> dict:
         return merge_parts([layout.to_checkpoint(dict(vllm_model.named_parameters()))])
 
     assert_equal_tensors(live(), reference.params)
-    worker.es_perturb(7, 0.01)
+    engine.perturb(7, 0.01)
     reference.perturb(7, 0.01)
     assert_equal_tensors(live(), reference.params)
-    assert worker.es_fingerprint() != setup["fingerprint"]
-    worker.es_restore()
+    assert engine.fingerprint() != setup["fingerprint"]
+    engine.restore()
     reference.restore()
-    assert worker.es_fingerprint() == setup["fingerprint"]
-    fingerprint = worker.es_apply_update([(3, 0.5), (9, -0.25)])
+    assert engine.fingerprint() == setup["fingerprint"]
+    fingerprint = engine.apply_update([(3, 0.5), (9, -0.25)])
     reference.apply_update([(3, 0.5), (9, -0.25)])
-    assert fingerprint == worker.es_fingerprint() != setup["fingerprint"]
+    assert fingerprint == engine.fingerprint() != setup["fingerprint"]
     assert_equal_tensors(live(), reference.params)
-    assert_equal_tensors(merge_parts([worker.es_master_part()]), reference.master)
+    assert_equal_tensors(engine.master(), reference.master)
 
 
 def test_master_moves_in_the_checkpoint_layout(vllm_model, model_dir, tmp_path):
-    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
-    base = worker.es_setup()["fingerprint"]
-    updated = worker.es_apply_update([(5, 0.3)])
-    master = merge_parts([worker.es_master_part()])
+    engine = vllm_engine_backend(vllm_model, model_dir)
+    base = engine.fingerprint()
+    updated = engine.apply_update([(5, 0.3)])
+    master = engine.master()
     # The transformers backend's master, in the same layout, takes the weights back to the base.
-    assert worker.es_load_master(transformers_weights(model_dir).master) == base
+    assert engine.load_master(transformers_weights(model_dir).master) == base
 
     # A resync or resume: an engine at the base weights loads the master and holds the same weights.
-    other = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
-    assert other.es_setup()["fingerprint"] == base
-    assert other.es_load_master(master) == updated
+    other = vllm_engine_backend(vllm_model, model_dir)
+    assert other.fingerprint() == base
+    assert other.load_master(master) == updated
     with pytest.raises(LayoutError, match="model.norm.weight"):
-        other.es_load_master({**master, "model.norm.weight": torch.zeros(3)})
+        other.load_master({**master, "model.norm.weight": torch.zeros(3)})
 
     # A checkpoint: a Hugging Face directory that transformers loads, holding the master in its dtype.
     out = write_model_dir(model_dir, master, "bfloat16", tmp_path / "model")
@@ -184,13 +188,44 @@ def test_tensor_parallel_ranks_perturb_and_update_one_coherent_model(model_dir, 
 
 class InProcessLLM:
     """`vllm.LLM.collective_rpc` over workers in this process: the method called on every worker, the
-    results in rank order (what VLLMBackend uses of the LLM besides `generate`)."""
+    results in rank order (what VLLMBackend uses of the LLM besides `generate`). Arguments and results
+    cross vLLM's engine-core transport (its msgpack encoder and decoder, insecure serialization off), as
+    they do between the `LLM` and its engine-core process."""
 
     def __init__(self, *workers):
         self.workers = workers
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        return [getattr(worker, method)(*args, **(kwargs or {})) for worker in self.workers]
+        args, kwargs = transported((args, kwargs or {}))
+        results = [getattr(worker, method)(*args, **kwargs) for worker in self.workers]
+        return returned(results)
+
+
+def transported(value):
+    """`value` after vLLM's engine-core transport of utility-call arguments: encoded and decoded with
+    its msgpack serializers."""
+    return MsgpackDecoder().decode(MsgpackEncoder().encode(value))
+
+
+def returned(result):
+    """A utility call's `result` after vLLM's engine-core transport (a `UtilityOutput`)."""
+    encoded = MsgpackEncoder().encode(UtilityOutput(call_id=0, result=UtilityResult(result)))
+    return MsgpackDecoder(UtilityOutput).decode(encoded).result.result
+
+
+def vllm_engine_backend(vllm_model, model_dir) -> VLLMBackend:
+    """A VLLMBackend over one stand-in worker that holds `model_dir`'s weights in `vllm_model`."""
+    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
+    return VLLMBackend(model_dir, llm=InProcessLLM(worker))
+
+
+def test_tensors_do_not_survive_vllms_transport_so_masters_move_as_files():
+    decoded = returned({"w": (torch.ones(2), torch.zeros(2, dtype=torch.bool))})
+    assert not isinstance(decoded["w"][0], torch.Tensor)
+    assert returned(["a1b2", {"rank": 0, "layout": "checkpoint"}]) == [
+        "a1b2",
+        {"rank": 0, "layout": "checkpoint"},
+    ]
 
 
 def vllm_engine(vllm_model, model_dir, master_path=None) -> tuple[EngineActor, dict]:
@@ -304,18 +339,19 @@ def test_jax_extension_fails_loudly_when_a_perturbation_recompiles():
         worker.es_perturb(2, 0.05)
 
 
-def test_jax_extension_moves_the_master_by_leaf_name():
+def test_jax_extension_moves_the_master_by_leaf_name(tmp_path):
     worker = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
     base = worker.es_setup()["fingerprint"]
     updated = worker.es_apply_update([(5, 1e-2)])
-    master = worker.es_master()
+    master = load_file(worker.es_master(str(tmp_path)))
     assert sorted(master) == sorted(
         ["['layer1']['bias']", "['layer1']['kernel']", "['layer2']['bias']", "['layer2']['kernel']"]
     )
     other = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
     assert other.es_setup()["fingerprint"] == base
-    assert other.es_load_master(master) == updated
+    assert other.es_load_master(str(tmp_path / "state.safetensors")) == updated
     x = jnp.ones((4, 16))
     assert np.array_equal(other.model_runner.run(x), worker.model_runner.run(x))
+    save_file({"['layer1']['bias']": np.zeros(32, dtype=np.float32)}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="missing"):
-        other.es_load_master({})
+        other.es_load_master(str(tmp_path / "partial.safetensors"))

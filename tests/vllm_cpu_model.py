@@ -85,4 +85,5 @@ def run_es_rank(model_dir: str | Path, rank: int, world_size: int, port: int, ou
     perturbed = worker._es_layout.to_checkpoint(dict(model.named_parameters()))
     worker.es_restore()
     worker.es_apply_update([(3, 0.5), (9, -0.25)])
-    torch.save({"perturbed": perturbed, "updated": worker.es_master_part()}, Path(out_dir) / f"rank{rank}.pt")
+    updated = worker._es_layout.to_checkpoint(worker._es_weights.master)
+    torch.save({"perturbed": perturbed, "updated": updated}, Path(out_dir) / f"rank{rank}.pt")

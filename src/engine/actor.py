@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shared.countdown import CountdownProblem, reward
 
 # Modules whose presence and version the engine reports (module name, not distribution name).
@@ -138,7 +136,7 @@ class EngineActor:
             )
             self.weights = self.backend
             if master_path:
-                self.backend.load_master(_read_master(master_path))
+                self.backend.load_master_file(master_path)
             parameters = sum(worker["parameters"] for worker in self.backend.workers)
             return {"fingerprint": self.backend.fingerprint(), "parameters": parameters}
         if backend != "transformers":
@@ -228,7 +226,7 @@ class EngineActor:
         backend): transformers parameter names, or with vLLM `VLLMBackend.master()` names."""
         self._require_model()
         master = self.backend.master() if self._vllm else self.weights.master
-        return {name: np.array(t, dtype=np.float32) for name, t in master.items()}
+        return {name: t.float().numpy().copy() for name, t in master.items()}
 
     def import_master(self, master: dict[str, Any]) -> str:
         """Replaces the weights with `export_master()` output of another engine; returns the fingerprint.
@@ -269,11 +267,9 @@ class EngineActor:
                 master = str(master_out)
                 save_file(self.weights.master, master)
             return {"model": model, "master": master, "fingerprint": self.weights.fingerprint()}
-        import torch
-
         from engine.vllm_backend import write_model_dir
 
-        tensors = {name: torch.as_tensor(np.asarray(t)) for name, t in self.backend.master().items()}
+        tensors = self.backend.master()
         with _atomic_dir(model_out) as tmp:
             if not self.backend.checkpoint_layout:
                 shutil.copytree(self.backend.model_dir, tmp, dirs_exist_ok=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -173,21 +174,45 @@ class VLLMBackend:
     def master(self) -> dict[str, Any]:
         """The fp32 master, name -> float32 CPU tensor. On GPUs in the checkpoint's layout (Hugging Face
         names and shapes, the ranks' shards joined by `engine.vllm_layout.merge_parts`); on TPUs in the
-        runner's layout (tpu-inference state leaves, `engine.jax_weights.leaf_names`)."""
-        if not self.checkpoint_layout:
-            return self.llm.collective_rpc("es_master")[0]
-        from engine.vllm_layout import merge_parts
+        runner's layout (tpu-inference state leaves, `engine.jax_weights.leaf_names`). The workers write
+        their parts to files in a temporary directory on this node."""
+        from safetensors.torch import load_file
 
-        return merge_parts(self.llm.collective_rpc("es_master_part"))
+        from engine.vllm_layout import merge_parts
+        from engine.vllm_worker import HELD
+
+        with tempfile.TemporaryDirectory(prefix="es-master-") as tmp:
+            if not self.checkpoint_layout:
+                (path,) = self.llm.collective_rpc("es_master", args=(tmp,))
+                return load_file(path)
+            parts = []
+            for path in self.llm.collective_rpc("es_master_part", args=(tmp,)):
+                tensors = load_file(path)
+                parts.append({n: (t, tensors[n + HELD]) for n, t in tensors.items() if not n.endswith(HELD)})
+        return merge_parts(parts)
 
     def load_master(self, tensors: dict[str, Any]) -> str:
         """Replaces the weights on every worker by `master()` output of an engine of the same model and
-        layout (a resync, or a checkpoint's master); returns `fingerprint()`.
+        layout (a resync); returns `fingerprint()`.
 
         Raises:
             ValueError: the master does not match (a missing tensor or another shape, named).
         """
-        return combine(self.llm.collective_rpc("es_load_master", args=(tensors,)))
+        import torch
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="es-master-") as tmp:
+            path = str(Path(tmp) / "master.safetensors")
+            save_file(
+                {name: torch.as_tensor(t, dtype=torch.float32).contiguous() for name, t in tensors.items()},
+                path,
+            )
+            return self.load_master_file(path)
+
+    def load_master_file(self, path: str | Path) -> str:
+        """`load_master` from a safetensors file every worker can read (a checkpoint's
+        master.safetensors); returns `fingerprint()`."""
+        return combine(self.llm.collective_rpc("es_load_master", args=(str(path),)))
 
 
 # Weight files of a Hugging Face model directory; `write_model_dir` copies everything else.

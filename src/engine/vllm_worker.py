@@ -18,13 +18,21 @@ without ever leaving the device (vLLM's documented pattern for RL weight updates
   on the runner. Compiled functions are therefore reused; the extension records the compilation count
   after the first perturbation and raises if a later perturbation compiles again.
 
+Arguments and results are scalars, strings and lists only, and tensors move through files: vLLM's
+engine-core transport (msgpack) decodes a tensor inside a result as a plain list unless insecure
+serialization is turned on (`tests/test_vllm_worker.py` passes every call through it).
+
 Every attribute starts with `es_` / `_es_` so that it cannot collide with the workers' own
 (`tests/test_vllm_contract.py` checks both extensions against the locked vLLM and tpu-inference).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+# Suffix of the held-elements mask next to each tensor in a rank's master part (`es_master_part`).
+HELD = ":held"
 
 
 class RecompilationError(RuntimeError):
@@ -82,20 +90,33 @@ class TorchWorkerExtension:
         """SHA-256 of this rank's parameters (`TorchWeights.fingerprint`)."""
         return self._es_weights.fingerprint()
 
-    def es_master_part(self) -> dict[str, tuple[Any, Any]]:
-        """This rank's part of the fp32 master in the checkpoint's layout (`HFLayout.to_checkpoint`):
-        checkpoint name -> (float32 values, bool mask of the elements this rank holds), CPU tensors."""
-        return self._es_layout.to_checkpoint(self._es_weights.master)
+    def es_master_part(self, directory: str) -> str:
+        """Writes this rank's part of the fp32 master, in the checkpoint's layout
+        (`HFLayout.to_checkpoint`), to `directory`/rank{rank}.safetensors: per checkpoint tensor its
+        float32 values and, under `name + HELD`, the bool mask of the elements this rank holds. Returns
+        the path (a file, not tensors: vLLM's engine-core transport decodes tensors in results as lists)."""
+        from safetensors.torch import save_file
+        from vllm.distributed import get_tensor_model_parallel_rank
 
-    def es_load_master(self, tensors: dict[str, Any]) -> str:
-        """Replaces the weights by a full fp32 master in the checkpoint's layout (checkpoint name ->
-        tensor), keeping this rank's shard; returns this rank's fingerprint.
+        path = Path(directory) / f"rank{get_tensor_model_parallel_rank()}.safetensors"
+        tensors = {}
+        for name, (values, held) in self._es_layout.to_checkpoint(self._es_weights.master).items():
+            tensors[name], tensors[name + HELD] = values, held
+        save_file(tensors, str(path))
+        return str(path)
+
+    def es_load_master(self, path: str) -> str:
+        """Replaces the weights by the full fp32 master in the checkpoint's layout in the safetensors file
+        `path` (checkpoint name -> tensor; e.g. a checkpoint's master.safetensors), keeping this rank's
+        shard; returns this rank's fingerprint.
 
         Raises:
             engine.vllm_layout.LayoutError: a tensor is missing or has another shape.
         """
+        from safetensors.torch import load_file
+
         master = {name: t.clone() for name, t in self._es_weights.master.items()}
-        self._es_layout.from_checkpoint(tensors, master)
+        self._es_layout.from_checkpoint(load_file(path), master)
         self._es_weights.load_master(master)
         return self._es_weights.fingerprint()
 
@@ -163,13 +184,25 @@ class JaxWorkerExtension:
         """SHA-256 of the weights (`JaxWeights.fingerprint`)."""
         return self._es_weights.fingerprint()
 
-    def es_master(self) -> dict[str, Any]:
-        """The fp32 master in the runner's layout: leaf name (`jax_weights.leaf_names`) -> numpy array."""
-        return dict(zip(self._es_weights.names, self._es_weights.master, strict=True))
+    def es_master(self, directory: str) -> str:
+        """Writes the fp32 master in the runner's layout (leaf name, `jax_weights.leaf_names` -> array) to
+        `directory`/state.safetensors; returns the path."""
+        from safetensors.numpy import save_file
 
-    def es_load_master(self, arrays: dict[str, Any]) -> str:
-        """`JaxWeights.load_master` (leaf name -> array), publishes the arrays; returns the fingerprint."""
-        self._es_weights.load_master(arrays)
+        path = Path(directory) / "state.safetensors"
+        save_file(dict(zip(self._es_weights.names, self._es_weights.master, strict=True)), str(path))
+        return str(path)
+
+    def es_load_master(self, path: str) -> str:
+        """`JaxWeights.load_master` from the safetensors file `path` (leaf name -> array), publishes the
+        arrays; returns the fingerprint.
+
+        Raises:
+            ValueError: names or shapes differ from the runner's leaves (named).
+        """
+        from safetensors.numpy import load_file
+
+        self._es_weights.load_master(load_file(path))
         self._es_publish()
         return self._es_weights.fingerprint()
 
