@@ -74,8 +74,7 @@ class HFLayout:
         sources: vLLM parameter name -> the checkpoint names loaded into it.
         direct: vLLM parameter name -> checkpoint name, for parameters that hold one checkpoint tensor
             element for element (checked by loading its element indices): their noise is `noise_like`
-            itself, without a scratch tensor (1.13x the transformers backend's perturb + restore time
-            on CPU instead of 1.84x, 24 M parameters).
+            itself, without a scratch tensor to load it through.
 
     Raises:
         LayoutError: a checkpoint tensor is loaded into more than one parameter, or a parameter has a
