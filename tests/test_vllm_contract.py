@@ -122,6 +122,9 @@ def test_gpu_worker_hands_out_the_torch_model_and_its_checkpoint():
     assert [a.arg for a in get_model.args.args] == ["self"]
     # TorchWorkerExtension.es_setup reads the checkpoint directory from the worker's model config.
     assert "self.model_config = vllm_config.model_config" in inspect.getsource(WorkerBase.__init__)
+    from vllm.config import ModelConfig
+
+    assert {"model", "quantization"} <= {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def test_tpu_runner_reads_its_weights_from_state_leaves():

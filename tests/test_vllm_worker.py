@@ -157,6 +157,13 @@ def test_master_moves_in_the_checkpoint_layout(vllm_model, model_dir, tmp_path):
     )
 
 
+def test_a_quantized_model_is_refused_by_name(vllm_model, model_dir):
+    worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
+    worker.model_config.quantization = "awq"
+    with pytest.raises(LayoutError, match=r"quantized weights \(awq\) cannot be perturbed"):
+        worker.es_setup()
+
+
 def test_merge_parts_names_an_element_no_rank_holds():
     values, held = torch.zeros(4), torch.tensor([True, True, False, False])
     other = torch.tensor([False, False, True, False])

@@ -55,13 +55,20 @@ class TorchWorkerExtension:
             "parameters": int (this rank's), "fingerprint": str}.
 
         Raises:
-            engine.vllm_layout.LayoutError: the checkpoint does not map onto vLLM's parameters.
+            engine.vllm_layout.LayoutError: the checkpoint does not map onto vLLM's parameters, or is
+                quantized.
         """
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
         from engine.torch_weights import TorchWeights
-        from engine.vllm_layout import HFLayout, checkpoint_shapes
+        from engine.vllm_layout import HFLayout, LayoutError, checkpoint_shapes
 
+        quantization = getattr(self.model_config, "quantization", None)
+        if quantization:
+            raise LayoutError(
+                f"{self.model_config.model}: quantized weights ({quantization}) cannot be perturbed in "
+                "place; ES needs an unquantized checkpoint (bfloat16, float16 or float32)"
+            )
         model = self._es_model()
         self._es_layout = HFLayout(model, checkpoint_shapes(self.model_config.model))
         self._es_weights = TorchWeights(model, restore_mode=restore_mode, noise=self._es_layout.noise)
