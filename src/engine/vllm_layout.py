@@ -168,14 +168,26 @@ class HFLayout:
             self._into = {}
 
     @torch.no_grad()
-    def _is_identity(self, name: str, param: torch.Tensor) -> bool:
-        """True when the model loads checkpoint tensor `name` into `param` element for element."""
-        numel = param.numel()
-        index = torch.arange(1, numel + 1, dtype=torch.float64, device=param.device).reshape(param.shape)
-        probe = torch.zeros_like(index)
+    def _positions(self, name: str) -> torch.Tensor:
+        """Where checkpoint tensor `name` lands in its parameter: a float64 tensor shaped like the
+        parameter `routes[name]`, holding at each element the 1-based flat index of the checkpoint element
+        loaded there, 0 where none is (loaders write 0 into what they do not fill: vocabulary padding).
+        Found by loading the indices through the model's loader (float64: exact up to 2**53 elements)."""
+        target = self.params[self.routes[name]]
+        numel = int(torch.Size(self.shapes[name]).numel())
+        index = torch.arange(1, numel + 1, dtype=torch.float64, device=target.device).reshape(
+            self.shapes[name]
+        )
+        probe = torch.zeros(target.shape, dtype=torch.float64, device=target.device)
+        # vLLM's loader warns of every float64 tensor loaded into a lower-precision parameter.
         with self._wrapped(names=[self.routes[name]]), _quiet("vllm.model_executor.models.utils"):
             self._load(name, index, probe)
-        return bool(torch.equal(probe, index))
+        return probe
+
+    def _is_identity(self, name: str, param: torch.Tensor) -> bool:
+        """True when the model loads checkpoint tensor `name` into `param` element for element."""
+        expected = torch.arange(1, param.numel() + 1, dtype=torch.float64, device=param.device)
+        return bool(torch.equal(self._positions(name).reshape(-1), expected))
 
     # ---- the operations -------------------------------------------------------------------------------
 
@@ -205,27 +217,20 @@ class HFLayout:
         mask of the elements this worker holds). With tensor parallelism each rank holds part of a
         sharded tensor; `merge_parts` joins the ranks' results.
 
-        The positions are found by loading the element indices (1-based, float64: exact up to 2**53
-        elements) through the model's loader.
+        The positions are `_positions`.
         """
         out = {}
-        # vLLM's loader warns of every float64 tensor loaded into a lower-precision parameter.
-        with self._wrapped(), _quiet("vllm.model_executor.models.utils"):
-            for name, shape in self.shapes.items():
-                target = self.routes[name]
-                source = tensors[target]
-                probe = torch.zeros(source.shape, dtype=torch.float64, device=self.params[target].device)
-                numel = int(torch.Size(shape).numel())
-                # 1-based: loaders write 0 into what they do not fill (the vocabulary padding).
-                index = torch.arange(1, numel + 1, dtype=torch.float64, device=probe.device).reshape(shape)
-                self._load(name, index, probe)
-                held = probe > 0
-                positions = probe[held].long().cpu() - 1
-                values = torch.zeros(numel, dtype=torch.float32)
-                covered = torch.zeros(numel, dtype=torch.bool)
-                values[positions] = source.detach().to(device="cpu", dtype=torch.float32)[held.cpu()]
-                covered[positions] = True
-                out[name] = (values.reshape(shape), covered.reshape(shape))
+        for name, shape in self.shapes.items():
+            source = tensors[self.routes[name]]
+            probe = self._positions(name)
+            held = probe > 0
+            positions = probe[held].long().cpu() - 1
+            numel = int(torch.Size(shape).numel())
+            values = torch.zeros(numel, dtype=torch.float32)
+            covered = torch.zeros(numel, dtype=torch.bool)
+            values[positions] = source.detach().to(device="cpu", dtype=torch.float32)[held.cpu()]
+            covered[positions] = True
+            out[name] = (values.reshape(shape), covered.reshape(shape))
         return out
 
     @torch.no_grad()
