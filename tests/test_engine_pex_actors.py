@@ -12,11 +12,12 @@ from pathlib import Path
 
 import ray
 
+from engine_pex_root import ENGINE_PEX_ROOT
+
 from driver.engine_pool import EnginePool, EngineSpec
 
 ENGINE_PEX = Path("src.engine/engine.pex")
-# Persistent across runs (the engine PEX is ~5 GB of wheels): the first run extracts, later ones reuse.
-PEX_ROOT = os.path.expanduser("~/.cache/hermetic-es/test-pex-root")
+PEX_ROOT = ENGINE_PEX_ROOT
 
 
 def test_driver_process_lacks_engine_packages():

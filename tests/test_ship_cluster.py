@@ -23,9 +23,11 @@ import ray
 
 from driver import bundle as bundle_mod
 from driver import ship
+from engine_pex_root import ENGINE_PEX_ROOT
+
 from driver.run_dir import read_jsonl
 
-PEX_ROOT = os.path.expanduser("~/.cache/hermetic-es/test-pex-root")
+PEX_ROOT = ENGINE_PEX_ROOT
 
 
 def free_port() -> int:

@@ -17,10 +17,12 @@ import pytest
 import ray
 
 from driver import train
+from engine_pex_root import ENGINE_PEX_ROOT
+
 from driver.run_dir import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine.pex")
-PEX_ROOT = os.path.expanduser("~/.cache/hermetic-es/test-pex-root")
+PEX_ROOT = ENGINE_PEX_ROOT
 ITERATIONS = 4
 COMMON = [
     "--engine-pex", str(ENGINE_PEX), "--no-build-engine", "--engine-python", sys.executable,

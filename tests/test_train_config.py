@@ -66,6 +66,14 @@ def test_vllm_engines_come_from_the_pex_of_their_platform():
     assert parse("--backend", "cuda", "--engine-gpus", "1").engine_target == "src/engine:engine"
     assert pex_path(gpu.engine_target) == Path("dist/src.engine/engine-gpu.pex")
     assert pex_path(tpu.engine_target) == DEFAULT_ENGINE_PEX
+    # Neither GPUs nor TPU chips: vLLM's CPU backend from the engine-cpu PEX; a packaged model too.
+    cpu = parse("--backend", "vllm")
+    assert (cpu.vllm_on_cpu, cpu.engine_target) == (True, "src/engine:engine-cpu")
+    assert (cpu.cpu_kv_cache_gib, cpu.cpu_linear) == (1.0, "read")
+    assert pex_path(cpu.engine_target) == Path("dist/src.engine/engine-cpu.pex")
+    smollm2 = parse("--model", "smollm2-135m-instruct")
+    assert (smollm2.engine_target, smollm2.sigma, smollm2.alpha) == ("src/engine:engine-cpu", 0.001, 0.0005)
+    assert not gpu.vllm_on_cpu and not tpu.vllm_on_cpu
 
 
 def test_file_then_command_line(tmp_path):
@@ -88,8 +96,15 @@ def test_file_then_command_line(tmp_path):
         (["--dataset", "reference"], "--dataset-path: required with --dataset reference"),
         (["--engine-gpus", "1"], "--engine-gpus: must be 0 with --backend cpu"),
         (["--resume"], "--resume: needs --output-dir"),
-        (["--backend", "vllm"], "--backend vllm: give each engine either GPUs"),
-        (["--backend", "vllm", "--engine-gpus", "1", "--engine-resources", "TPU=4"], "not both or neither"),
+        (["--backend", "vllm", "--engine-gpus", "1", "--engine-resources", "TPU=4"], "neither (CPUs), not both"),
+        (["--backend", "vllm", "--tensor-parallel-size", "2"], "vLLM engines on CPUs run unsharded"),
+        (["--model", "gpt-5"], "--model: expected one of smollm2-135m-instruct, got 'gpt-5'"),
+        (["--model", "smollm2-135m-instruct", "--model-dir", "m"], "--model: give either --model or"),
+        (
+            ["--model", "smollm2-135m-instruct", "--backend", "cuda", "--engine-gpus", "1"],
+            "ships in the CPU engine only",
+        ),
+        (["--cpu-kv-cache-gib", "0"], "--cpu-kv-cache-gib: must be > 0"),
         (
             ["--backend", "vllm", "--engine-gpus", "1", "--tensor-parallel-size", "2"],
             "--tensor-parallel-size: 2 devices per engine, but each engine gets 1",

@@ -70,6 +70,8 @@ def test_llm_accepts_the_arguments_the_backend_passes():
         "worker_extension_cls",
         "seed",
         "distributed_executor_backend",
+        "kv_cache_memory_bytes",
+        "enforce_eager",
     }
     assert passed <= fields, sorted(passed - fields)
     assert inspect.signature(LLM.__init__).parameters.keys() >= {"model", "kwargs"}
@@ -125,6 +127,20 @@ def test_gpu_worker_hands_out_the_torch_model_and_its_checkpoint():
     from vllm.config import ModelConfig
 
     assert {"model", "quantization"} <= {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def test_cpu_linear_dispatch_is_the_function_engine_vllm_cpu_wraps():
+    """`engine.vllm_cpu` replaces `vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`,
+    which the linear and embedding methods import by name when they process loaded weights (so the
+    module attribute is what they call); tests/test_vllm_cpu_engine.py runs the real CPU backend."""
+    utils = installed_source("vllm-tpu", "vllm/model_executor/layers/utils.py")
+    (dispatch,) = [
+        n for n in utils.body if isinstance(n, ast.FunctionDef) and n.name == "dispatch_cpu_unquantized_gemm"
+    ]
+    assert [a.arg for a in dispatch.args.args] == ["layer", "remove_weight"]
+    for relative in ("vllm/model_executor/layers/linear.py", "vllm/model_executor/layers/vocab_parallel_embedding.py"):
+        source = ast.unparse(installed_source("vllm-tpu", relative))
+        assert "from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm" in source, relative
 
 
 def test_tpu_runner_reads_its_weights_from_state_leaves():

@@ -20,6 +20,8 @@ from driver.engine_pool import ENGINE_PEX_ENV, default_engine_pex
 ENGINE_TARGET = "src/engine:engine"
 # The CUDA vLLM engine (`engine-gpu` resolve), for `--backend vllm` on GPUs.
 GPU_ENGINE_TARGET = "src/engine:engine-gpu"
+# vLLM's CPU backend (`engine-cpu` resolve), for `--backend vllm` without accelerators and `--model`.
+CPU_ENGINE_TARGET = "src/engine:engine-cpu"
 # Variables of the driver's own PEX runtime that must not reach the nested Pants.
 _PEX_VARS_PREFIX = "PEX"
 

@@ -27,6 +27,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATASETS = ("generated", "reference", "hf")
 # engine.torch_weights.RESTORE_MODES (the driver does not import engine code).
 RESTORE_MODES = ("master", "subtract", "device")
+# engine.gguf_import.MODELS: pretrained models the CPU engine ships and imports (`--model NAME`).
+PACKAGED_MODELS = ("smollm2-135m-instruct",)
+# engine.vllm_cpu.CPU_LINEAR_MODES.
+CPU_LINEAR_MODES = ("read", "repack")
 # Qiu et al. 2025, Sec. 4 (Countdown): sigma = 0.001, alpha = 0.0005 for 0.5B-8B models.
 PAPER_SIGMA, PAPER_ALPHA = 0.001, 0.0005
 # The tiny default model (0.36 M parameters) needs a larger perturbation for members to differ at all:
@@ -43,6 +47,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "engine_gpus",
         "engine_resources",
         "gpu_memory_utilization",
+        "cpu_kv_cache_gib",
         "engine_pex",
         "engine_python",
         "pex_root",
@@ -76,11 +81,16 @@ class TrainConfig:
         "Hugging Face model directory, readable on every node; default: the tiny test model, "
         "created under OUTPUT_DIR/base-model",
     )
+    model: str | None = _opt(
+        None,
+        "a pretrained model the CPU engine ships, imported from GGUF into OUTPUT_DIR/base-model "
+        f"(engine.gguf_import); instead of --model-dir. One of: {', '.join(PACKAGED_MODELS)}",
+    )
     backend: str = _opt(
         "cpu",
         "rollout backend: cpu (transformers on CPU), cuda (transformers on a GPU) or vllm (vLLM on GPUs, "
-        "with --engine-gpus, from the engine-gpu PEX; or on TPU chips, with --engine-resources TPU=N, "
-        "from the engine PEX)",
+        "with --engine-gpus, from the engine-gpu PEX; on TPU chips, with --engine-resources TPU=N, "
+        "from the engine PEX; with neither, on CPUs, from the engine-cpu PEX)",
         choices=BACKENDS,
     )
     dtype: str = _opt("float32", "weights dtype in the engines", choices=DTYPES)
@@ -103,6 +113,15 @@ class TrainConfig:
         0.85, "vLLM: share of each device's memory an engine may take (weights and KV cache)", "fraction"
     )
     max_model_len: int = _opt(2048, "vLLM: prompt + completion tokens per sequence", "tokens")
+    cpu_kv_cache_gib: float = _opt(
+        1.0, "vLLM on CPUs: host RAM each engine reserves for its KV cache", "GiB"
+    )
+    cpu_linear: str = _opt(
+        "read",
+        "vLLM on CPUs: linear layers compute from the perturbed parameters (read), or vLLM's packed "
+        "kernels are re-packed after every weight change (repack)",
+        choices=CPU_LINEAR_MODES,
+    )
     num_engines: int = _opt(2, "number of engine actors", "actors")
     engine_cpus: float = _opt(1.0, "Ray CPUs per engine actor", "logical CPUs")
     engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs")
@@ -180,7 +199,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        tiny = self.model_dir is None
+        tiny = self.model_dir is None and self.model is None
         if self.sigma is None:
             object.__setattr__(self, "sigma", TINY_SIGMA if tiny else PAPER_SIGMA)
         if self.alpha is None:
@@ -245,18 +264,31 @@ class TrainConfig:
             )
         if self.backend != "vllm" and self.tensor_parallel_size != 1:
             raise ConfigError("--tensor-parallel-size: only with --backend vllm")
+        if self.model is not None and self.model not in PACKAGED_MODELS:
+            raise ConfigError(f"--model: expected one of {', '.join(PACKAGED_MODELS)}, got {self.model!r}")
+        if self.model is not None and self.model_dir is not None:
+            raise ConfigError("--model: give either --model or --model-dir, not both")
+        if self.model is not None and (self.engine_gpus or self.engine_resources.get("TPU", 0)):
+            raise ConfigError(
+                f"--model: {self.model} ships in the CPU engine only; on GPUs and TPUs import it first "
+                "(./pants run src/engine:import-gguf -- --out DIR) and pass --model-dir DIR"
+            )
+        if not self.cpu_kv_cache_gib > 0:
+            raise ConfigError(f"--cpu-kv-cache-gib: must be > 0, got {self.cpu_kv_cache_gib!r}")
         if self.backend == "vllm":
             tpu = self.engine_resources.get("TPU", 0)
-            if bool(self.engine_gpus) == bool(tpu):
+            if self.engine_gpus and tpu:
                 raise ConfigError(
-                    "--backend vllm: give each engine either GPUs (--engine-gpus N) or TPU chips "
-                    "(--engine-resources TPU=N), not both or neither"
+                    "--backend vllm: give each engine GPUs (--engine-gpus N), TPU chips "
+                    "(--engine-resources TPU=N) or neither (CPUs), not both"
                 )
             if tpu and self.restore_mode == "device":
                 raise ConfigError("--restore-mode: device is for GPUs; on TPUs use master or subtract")
             devices = self.engine_gpus or tpu
             option = "--engine-gpus" if self.engine_gpus else "--engine-resources TPU"
-            if devices < self.tensor_parallel_size:
+            if not devices and self.tensor_parallel_size != 1:
+                raise ConfigError("--tensor-parallel-size: vLLM engines on CPUs run unsharded (1)")
+            if devices and devices < self.tensor_parallel_size:
                 raise ConfigError(
                     f"--tensor-parallel-size: {self.tensor_parallel_size} devices per engine, but each "
                     f"engine gets {devices} ({option})"
@@ -267,12 +299,22 @@ class TrainConfig:
             raise ConfigError("--resume: needs --output-dir, the run to continue")
 
     @property
+    def vllm_on_cpu(self) -> bool:
+        """vLLM engines on CPUs (no GPUs, no TPU chips per engine)."""
+        return self.backend == "vllm" and not self.engine_gpus and not self.engine_resources.get("TPU", 0)
+
+    @property
     def engine_target(self) -> str:
         """The Pants target of the engine PEX this run needs: src/engine:engine-gpu for vLLM on GPUs,
-        else src/engine:engine (transformers, and vLLM on TPU)."""
-        from driver.engine_build import ENGINE_TARGET, GPU_ENGINE_TARGET
+        src/engine:engine-cpu for vLLM on CPUs or a packaged `--model`, else src/engine:engine
+        (transformers, and vLLM on TPU)."""
+        from driver.engine_build import CPU_ENGINE_TARGET, ENGINE_TARGET, GPU_ENGINE_TARGET
 
-        return GPU_ENGINE_TARGET if self.backend == "vllm" and self.engine_gpus else ENGINE_TARGET
+        if self.backend == "vllm" and self.engine_gpus:
+            return GPU_ENGINE_TARGET
+        if self.vllm_on_cpu or self.model is not None:
+            return CPU_ENGINE_TARGET
+        return ENGINE_TARGET
 
     def strategy_config(self) -> StrategyConfig:
         """The ES hyper-parameters of this run."""

