@@ -76,7 +76,7 @@ def es_vs_pure(backend, batch, args) -> tuple[dict, dict]:
     es_s = pure_s = 0.0
     es_tokens = pure_tokens = 0
     for round_ in range(args.rounds):
-        for member in range(args.members):
+        for _ in range(args.members):
             seconds, tokens, _ = timed_generate(backend.llm, prompts, args.tokens)
             pure_s, pure_tokens = pure_s + seconds, pure_tokens + tokens
         for member in range(args.members):
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
-        "--configs", default="es,stock,es-repack,hf", help="comma-separated: es (with pure), stock, es-repack, hf"
+        "--configs",
+        default="es,stock,es-repack,hf",
+        help="comma-separated: es (with pure), stock, es-repack, hf",
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "es" in configs:
         results["es"], results["pure"] = run_es("read")
-        results["es_share_of_pure"] = round(results["es"]["tokens_per_s"] / results["pure"]["tokens_per_s"], 4)
+        share = results["es"]["tokens_per_s"] / results["pure"]["tokens_per_s"]
+        results["es_share_of_pure"] = round(share, 4)
         print(f"es   {results['es']}\npure {results['pure']}\nES / pure: {results['es_share_of_pure']:.3f}")
     if "es-repack" in configs:
         results["es_repack"], results["pure_repack"] = run_es("repack")
@@ -178,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf   {results['hf']}")
     for name in ("stock", "hf", "es_repack"):
         if name in results and "pure" in results:
-            results[f"pure_over_{name}"] = round(results["pure"]["tokens_per_s"] / results[name]["tokens_per_s"], 3)
-    print(json.dumps({k: v for k, v in results.items() if k.startswith("pure_over") or k.endswith("share_of_pure")}))
+            ratio = results["pure"]["tokens_per_s"] / results[name]["tokens_per_s"]
+            results[f"pure_over_{name}"] = round(ratio, 3)
+    ratios = {k: v for k, v in results.items() if k.startswith("pure_over") or k.endswith("share_of_pure")}
+    print(json.dumps(ratios))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

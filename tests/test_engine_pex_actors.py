@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import ray
-
 from engine_pex_root import ENGINE_PEX_ROOT
 
 from driver.engine_pool import EnginePool, EngineSpec

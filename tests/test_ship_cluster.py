@@ -20,11 +20,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from engine_pex_root import ENGINE_PEX_ROOT
 
 from driver import bundle as bundle_mod
 from driver import ship
-from engine_pex_root import ENGINE_PEX_ROOT
-
 from driver.run_dir import read_jsonl
 
 PEX_ROOT = ENGINE_PEX_ROOT

@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import ray
+from engine_pex_root import ENGINE_PEX_ROOT
+from train_scenarios import assert_same_metrics, ctrl_c_then_resume, killed_engine_restarts
 
 from driver import train
-from engine_pex_root import ENGINE_PEX_ROOT
-
 from driver.run_dir import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine.pex")
@@ -30,10 +28,6 @@ COMMON = [
     "--max-new-tokens", "24", "--batch-size", "4", "--eval-size", "8", "--eval-every", "2",
     "--checkpoint-every", "2", "--sigma", "0.01", "--alpha", "0.005", "--no-progress",
 ]  # fmt: skip
-
-
-def without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 def engine_python_code(code: str) -> str:
@@ -101,50 +95,11 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
 
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    model = str(reference_run / "base-model")
-    args = [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)]
-
-    def ctrl_c_in_iteration_2(trainer, iteration, member, engine):
-        if iteration == 2 and member == 0:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert train.main(args, on_member_done=ctrl_c_in_iteration_2) == train.EXIT_STOPPED
-    assert "continue with: ./pants run src/driver:train -- --resume" in capsys.readouterr().out
-    assert [r.get("iteration") for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [0, 1]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000002"]
-
-    assert train.main([*args, "--resume"]) == train.EXIT_OK
-    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
-    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest["sessions"]) == 2
+    ctrl_c_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
 
 
 def test_a_killed_engine_is_restarted_and_the_result_is_unchanged(reference_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    model = str(reference_run / "base-model")
-    killed = []
-
-    def kill_engine_1_in_iteration_1(trainer, iteration, member, engine):
-        if iteration == 1 and not killed:
-            pid = trainer.pool.reports[1]["pid"]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    # The restarted engine must reach the same weights by itself (last checkpoint plus the updates since),
-    # not through the resync that repairs a diverged engine.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*diverged.*")
-        status = train.main(
-            [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)],
-            on_member_done=kill_engine_1_in_iteration_1,
-        )
-    assert status == train.EXIT_OK
-    assert killed
-    assert "warning: engine 1 died" in capsys.readouterr().out
-    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
-    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
+    killed_engine_restarts(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
 
 
 def test_a_diverged_engine_is_resynced_from_a_healthy_one(reference_run, tmp_path):
@@ -164,8 +119,7 @@ def test_a_diverged_engine_is_resynced_from_a_healthy_one(reference_run, tmp_pat
             on_member_done=diverge_engine_1_after_iteration_1,
         )
     assert status == train.EXIT_OK
-    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
-    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
+    assert_same_metrics(out, reference_run)
 
 
 def test_vllm_engines_asking_for_tpus_a_cluster_lacks_fail_at_once(ray_cluster, tmp_path, capsys):

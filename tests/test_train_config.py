@@ -96,7 +96,10 @@ def test_file_then_command_line(tmp_path):
         (["--dataset", "reference"], "--dataset-path: required with --dataset reference"),
         (["--engine-gpus", "1"], "--engine-gpus: must be 0 with --backend cpu"),
         (["--resume"], "--resume: needs --output-dir"),
-        (["--backend", "vllm", "--engine-gpus", "1", "--engine-resources", "TPU=4"], "neither (CPUs), not both"),
+        (
+            ["--backend", "vllm", "--engine-gpus", "1", "--engine-resources", "TPU=4"],
+            "or neither .CPUs., not both",
+        ),
         (["--backend", "vllm", "--tensor-parallel-size", "2"], "vLLM engines on CPUs run unsharded"),
         (["--model", "gpt-5"], "--model: expected one of smollm2-135m-instruct, got 'gpt-5'"),
         (["--model", "smollm2-135m-instruct", "--model-dir", "m"], "--model: give either --model or"),

@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from engine_pex_root import ENGINE_PEX_ROOT
+from train_scenarios import ctrl_c_then_resume, killed_engine_restarts
 
 from driver import train
-from engine_pex_root import ENGINE_PEX_ROOT
-
 from driver.run_dir import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine-cpu.pex")
@@ -31,10 +30,6 @@ COMMON = [
     "--eval-size", "4", "--eval-every", "2", "--checkpoint-every", "2",
     "--sigma", "0.01", "--alpha", "0.005", "--no-progress",
 ]  # fmt: skip
-
-
-def without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 def engine_python_code(code: str) -> str:
@@ -96,38 +91,8 @@ def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(referen
 
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    model = str(reference_run / "base-model")
-    args = [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)]
-
-    def ctrl_c_in_iteration_2(trainer, iteration, member, engine):
-        if iteration == 2 and member == 0:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert train.main(args, on_member_done=ctrl_c_in_iteration_2) == train.EXIT_STOPPED
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000002"]
-    assert train.main([*args, "--resume"]) == train.EXIT_OK
-    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
-    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
+    ctrl_c_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
 
 
 def test_a_killed_engine_is_restarted_and_the_result_is_unchanged(reference_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    model = str(reference_run / "base-model")
-    killed = []
-
-    def kill_engine_1_in_iteration_1(trainer, iteration, member, engine):
-        if iteration == 1 and not killed:
-            pid = trainer.pool.reports[1]["pid"]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    status = train.main(
-        [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)],
-        on_member_done=kill_engine_1_in_iteration_1,
-    )
-    assert status == train.EXIT_OK
-    assert killed
-    assert "warning: engine 1 died" in capsys.readouterr().out
-    expected = without_timings(read_jsonl(reference_run / "metrics.jsonl"))
-    assert without_timings(read_jsonl(out / "metrics.jsonl")) == expected
+    killed_engine_restarts(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)

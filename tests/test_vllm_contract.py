@@ -134,13 +134,12 @@ def test_cpu_linear_dispatch_is_the_function_engine_vllm_cpu_wraps():
     which the linear and embedding methods import by name when they process loaded weights (so the
     module attribute is what they call); tests/test_vllm_cpu_engine.py runs the real CPU backend."""
     utils = installed_source("vllm-tpu", "vllm/model_executor/layers/utils.py")
-    (dispatch,) = [
-        n for n in utils.body if isinstance(n, ast.FunctionDef) and n.name == "dispatch_cpu_unquantized_gemm"
-    ]
+    name = "dispatch_cpu_unquantized_gemm"
+    (dispatch,) = (n for n in utils.body if isinstance(n, ast.FunctionDef) and n.name == name)
     assert [a.arg for a in dispatch.args.args] == ["layer", "remove_weight"]
-    for relative in ("vllm/model_executor/layers/linear.py", "vllm/model_executor/layers/vocab_parallel_embedding.py"):
-        source = ast.unparse(installed_source("vllm-tpu", relative))
-        assert "from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm" in source, relative
+    for relative in ("linear.py", "vocab_parallel_embedding.py"):
+        source = ast.unparse(installed_source("vllm-tpu", f"vllm/model_executor/layers/{relative}"))
+        assert f"from vllm.model_executor.layers.utils import {name}" in source, relative
 
 
 def test_tpu_runner_reads_its_weights_from_state_leaves():

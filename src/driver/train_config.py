@@ -113,9 +113,7 @@ class TrainConfig:
         0.85, "vLLM: share of each device's memory an engine may take (weights and KV cache)", "fraction"
     )
     max_model_len: int = _opt(2048, "vLLM: prompt + completion tokens per sequence", "tokens")
-    cpu_kv_cache_gib: float = _opt(
-        1.0, "vLLM on CPUs: host RAM each engine reserves for its KV cache", "GiB"
-    )
+    cpu_kv_cache_gib: float = _opt(1.0, "vLLM on CPUs: host RAM each engine reserves for its KV cache", "GiB")
     cpu_linear: str = _opt(
         "read",
         "vLLM on CPUs: linear layers compute from the perturbed parameters (read), or vLLM's packed "

@@ -37,6 +37,8 @@ PROBE_SIGMA = 0.05
 
 class PerturbationError(RuntimeError):
     """The ES weight operations do not reach the engine's forward pass, or restore is not exact."""
+
+
 JAX_EXTENSION = "engine.vllm_worker.JaxWorkerExtension"
 
 
@@ -183,6 +185,9 @@ class VLLMBackend:
         cpu: dict[str, Any],
         llm_kwargs: dict[str, Any],
     ) -> Any:
+        # vLLM configures its loggers on import; engine actors forward every line to the driver's
+        # terminal, so only warnings unless the user asks for more.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
         from vllm.platforms import current_platform
 

@@ -1,0 +1,65 @@
+"""Fault scenarios of a training run, shared by the transformers and vLLM end-to-end tests: each runs
+`train.main` with `common` arguments and asserts that the run ends exactly as the uninterrupted
+`reference` run did (metrics equal, timings aside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import warnings
+from pathlib import Path
+
+from driver import train
+from driver.run_dir import read_jsonl
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def assert_same_metrics(run: Path, reference: Path) -> None:
+    expected = without_timings(read_jsonl(reference / "metrics.jsonl"))
+    assert without_timings(read_jsonl(run / "metrics.jsonl")) == expected
+
+
+def ctrl_c_then_resume(common: list[str], reference: Path, iterations: int, out: Path, capsys) -> None:
+    """Ctrl-C in iteration 2 checkpoints after 2 updates and exits 130; `--resume` finishes the run."""
+    args = [*common, "--model-dir", str(reference / "base-model"), "--iterations", str(iterations)]
+    args += ["--output-dir", str(out)]
+
+    def ctrl_c_in_iteration_2(trainer, iteration, member, engine):
+        if iteration == 2 and member == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train.main(args, on_member_done=ctrl_c_in_iteration_2) == train.EXIT_STOPPED
+    assert "continue with: ./pants run src/driver:train -- --resume" in capsys.readouterr().out
+    assert [r.get("iteration") for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [0, 1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000002"]
+    assert train.main([*args, "--resume"]) == train.EXIT_OK
+    assert_same_metrics(out, reference)
+    assert len(json.loads((out / "manifest.json").read_text())["sessions"]) == 2
+
+
+def killed_engine_restarts(common: list[str], reference: Path, iterations: int, out: Path, capsys) -> None:
+    """SIGKILL to engine 1's actor process in iteration 1: it is restarted and reaches the same weights
+    by itself (last checkpoint plus the updates since), not through the resync of a diverged engine."""
+    killed = []
+
+    def kill_engine_1_in_iteration_1(trainer, iteration, member, engine):
+        if iteration == 1 and not killed:
+            pid = trainer.pool.reports[1]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*diverged.*")
+        status = train.main(
+            [*common, "--model-dir", str(reference / "base-model"), "--iterations", str(iterations)]
+            + ["--output-dir", str(out)],
+            on_member_done=kill_engine_1_in_iteration_1,
+        )
+    assert status == train.EXIT_OK
+    assert killed
+    assert "warning: engine 1 died" in capsys.readouterr().out
+    assert_same_metrics(out, reference)
