@@ -49,7 +49,7 @@ def test_manifest_describes_every_file(built):
     assert manifest["locked"]["engine"]["libtpu"] == "0.0.48"
     assert manifest["locked"]["engine"]["vllm-tpu"] == "0.32.0"
     assert manifest["locked"]["driver"]["ray"] == manifest["locked"]["engine"]["ray"]
-    resolves = ("driver", "engine", "engine-gpu", "tools")
+    resolves = ("driver", "engine", "engine-gpu", "engine-cpu", "tools")
     assert set(manifest["lockfiles"]) == {f"3rdparty/python/{r}.lock" for r in resolves}
     assert manifest["vm_python"] == sys.executable
     assert manifest["python"] == json.loads(Path("3rdparty/pins.json").read_text())["python"]

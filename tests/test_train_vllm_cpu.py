@@ -33,13 +33,17 @@ COMMON = [
 
 
 def engine_python_code(code: str) -> str:
-    """Runs `code` with the engine-cpu PEX's interpreter (vLLM on CPU, torch, transformers)."""
+    """Runs `code` with the engine-cpu PEX's interpreter (vLLM on CPU, torch, transformers); returns what
+    it printed on its line starting `RESULT `."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")} | {"PEX_ROOT": PEX_ROOT}
     proc = subprocess.run(
         [sys.executable, str(ENGINE_PEX), "-c", code], capture_output=True, text=True, env=env, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    # vLLM may log to stdout after `code` prints (its shutdown): take the line `code` marked.
+    marked = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(marked) == 1, proc.stdout[-3000:]
+    return marked[0].removeprefix("RESULT ")
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +82,13 @@ def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(referen
     parameters = engine_python_code(
         "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({model!r}, local_files_only=True)\n"
-        "print(sum(p.numel() for p in model.parameters()))"
+        "print('RESULT', sum(p.numel() for p in model.parameters()))"
     )
     assert int(parameters) == 362_112
     fingerprint = engine_python_code(
         "from engine.vllm_backend import VLLMBackend\n"
         f"backend = VLLMBackend({model!r}, dtype='float32', cpu_kv_cache_gib=0.25, max_model_len=512)\n"
-        "print(backend.fingerprint())\n"
+        "print('RESULT', backend.fingerprint())\n"
         "backend.close()"
     )
     assert fingerprint == state["fingerprint"]

@@ -86,6 +86,8 @@ def check_linear_reads_weights(model: Any) -> int:
         PackedWeightsError: naming the first offending module (e.g. `model.layers.0.mlp.down_proj`),
             with the reason.
     """
+    import torch
+
     count = 0
     for name, module in model.named_modules():
         if not hasattr(module, "cpu_linear"):
@@ -97,7 +99,8 @@ def check_linear_reads_weights(model: Any) -> int:
                 f"{name}: its weight was removed after loading (vLLM CPU weight prepacking); ES would "
                 "perturb nothing. Install engine.vllm_cpu.use_weight_reading_linear before the model loads"
             )
-        if getattr(module, "_es_cpu_linear", None) not in CPU_LINEAR_MODES:
+        reads = module.cpu_linear is torch.nn.functional.linear  # e.g. layers vLLM never packs
+        if not reads and getattr(module, "_es_cpu_linear", None) not in CPU_LINEAR_MODES:
             raise PackedWeightsError(
                 f"{name}: computes from a packed copy of its weight (cpu_linear={module.cpu_linear!r}); "
                 "an in-place perturbation would not reach the forward pass"
