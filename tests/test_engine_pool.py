@@ -161,7 +161,7 @@ def test_without_pre_extraction_the_actor_start_extracts(ray_cluster, tmp_path):
 
 
 def test_prepare_engine_command(tmp_path, capsys):
-    from driver.prepare_engine import main
+    from release.prepare_engine import main
 
     root = tmp_path / "pex_root"
     args = ["--engine-pex", str(TOY_PEX), "--engine-python", PYTHON, "--pex-root", str(root)]

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from lockfile_policy import Lockfile, LockfileError, check_policy, load_lockfile, parse_lockfile
+from lockfile_policy import check_policy
+
+from shared.lockfile import Lockfile, LockfileError, load_lockfile, parse_lockfile
 
 LOCKS = Path("3rdparty/python")
 NAMES = ("driver", "engine", "engine-gpu", "engine-cpu", "tools")

@@ -13,15 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from release import bundle as bundle_mod
+from release import host_install, ship
 
-from driver import bundle as bundle_mod
-from driver import host_install, ship
+from shared import engine_pex
 
 # Real PEX files built by Pants. The toy engine (Ray plus the shared engine host, no entry point) stands in
 # for the 5 GB engine PEX, whose copies would need ~15 GB of disk per test run.
 ARTIFACTS = {
     "train.pex": ("src/driver:train", "src.driver/train.pex"),
-    "prepare-engine.pex": ("src/driver:prepare-engine", "src.driver/prepare-engine.pex"),
+    "prepare-engine.pex": ("src/release:prepare-engine", "src.release/prepare-engine.pex"),
     "engine.pex": ("tests:toy-engine", "tests/toy-engine.pex"),
 }
 PEX_ROOT = os.path.expanduser("~/.cache/hermetic-es/test-ship-pex-root")
@@ -32,6 +33,13 @@ def built(tmp_path_factory) -> ship.Bundle:
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     bundle_mod.assemble(Path.cwd(), out, Path.cwd(), sys.executable, ARTIFACTS)
     return ship.Bundle.open(out)
+
+
+def test_the_stdlib_installer_agrees_with_shared_engine_pex():
+    """install.py runs alone on the hosts (no `shared`): its copies of the PEX settings must match."""
+    assert host_install.DEFAULT_PEX_ROOT == engine_pex.DEFAULT_PEX_ROOT
+    assert host_install.PEX_RUNTIME_VARS == engine_pex.PEX_RUNTIME_VARS
+    assert "import shared" not in Path(host_install.__file__).read_text()
 
 
 def test_manifest_describes_every_file(built):

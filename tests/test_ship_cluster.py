@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import ray
 from engine_pex_root import ENGINE_PEX_ROOT
+from release import bundle as bundle_mod
+from release import ship
 
-from driver import bundle as bundle_mod
-from driver import ship
-from driver.run_dir import read_jsonl
+from shared.run_layout import read_jsonl
 
 PEX_ROOT = ENGINE_PEX_ROOT
 

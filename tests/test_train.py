@@ -17,7 +17,7 @@ from engine_pex_root import ENGINE_PEX_ROOT
 from train_scenarios import assert_same_metrics, ctrl_c_then_resume, killed_engine_restarts
 
 from driver import train
-from driver.run_dir import read_jsonl
+from shared.run_layout import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine.pex")
 PEX_ROOT = ENGINE_PEX_ROOT
@@ -117,6 +117,28 @@ def test_a_diverged_engine_is_resynced_from_a_healthy_one(reference_run, tmp_pat
         status = train.main(
             [*COMMON, "--model-dir", model, "--iterations", str(ITERATIONS), "--output-dir", str(out)],
             on_member_done=diverge_engine_1_after_iteration_1,
+        )
+    assert status == train.EXIT_OK
+    assert_same_metrics(out, reference_run)
+
+
+def test_a_resync_copies_from_a_live_engine_holding_the_run_weights(reference_run, tmp_path):
+    """Engine 0 dies and engine 2 diverges in the same iteration: the resync of engine 2 must copy from
+    engine 1 (alive, with the run's weights), never from the dead engine 0, which is then restarted."""
+    out = tmp_path / "run"
+    done = []
+
+    def kill_0_and_diverge_2_after_iteration_1(trainer, iteration, member, engine):
+        done.append(iteration)
+        if iteration == 1 and done.count(1) == trainer.config.population:
+            ray.kill(trainer.pool.handles[0], no_restart=True)
+            ray.get(trainer.pool.handles[2].call.remote("apply_update", [[12345, 1e-3]]))
+
+    args = [*COMMON, "--num-engines", "3", "--model-dir", str(reference_run / "base-model")]
+    with pytest.warns(RuntimeWarning, match=r"engines \[2\] diverged .* from engine 1"):
+        status = train.main(
+            [*args, "--iterations", str(ITERATIONS), "--output-dir", str(out)],
+            on_member_done=kill_0_and_diverge_2_after_iteration_1,
         )
     assert status == train.EXIT_OK
     assert_same_metrics(out, reference_run)

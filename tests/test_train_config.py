@@ -9,7 +9,6 @@ import pytest
 import ray
 
 from driver import train
-from driver.engine_build import pex_path
 from driver.engine_pool import DEFAULT_ENGINE_PEX
 from driver.train_config import (
     PAPER_ALPHA,
@@ -22,6 +21,7 @@ from driver.train_config import (
     load_config_file,
     merge_for_resume,
 )
+from shared.engine_pex import pex_path
 
 
 def parse(*argv: str) -> TrainConfig:

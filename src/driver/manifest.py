@@ -7,6 +7,7 @@ package versions seen in the driver and inside every engine actor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import subprocess
@@ -18,10 +19,13 @@ from typing import Any
 import numpy as np
 import ray
 
-# The installer's hash function (stdlib only, shipped in every bundle); one implementation for both.
-from driver.host_install import sha256_file
+from shared.lockfile import LOCKFILES_DIR
 
-LOCKFILES_DIR = Path("3rdparty/python")
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 (hex) of a file's bytes."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def git_revision(cwd: Path) -> dict[str, Any] | None:

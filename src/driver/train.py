@@ -26,9 +26,9 @@ from driver.engine_pool import (
     default_python,
     preflight,
 )
-from driver.run_dir import RunDirError
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer, load_problems, open_run
+from shared.run_layout import RunDir, RunDirError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
 # Seconds allowed to extract the engine PEX into PEX_ROOT on this node before the engines start.
@@ -131,16 +131,16 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
     finally:
         if started_ray:
             ray.shutdown()
-    out = summary["output_dir"]
+    out = RunDir(summary["output_dir"])
     print(
         f"{summary['status']}: {summary['updates']} updates, weights {summary['fingerprint'][:16]}\n"
-        f"  outputs:     {out}\n"
-        f"  metrics:     {out}/metrics.jsonl (TensorBoard: tensorboard --logdir {out}/tensorboard)\n"
-        f"  samples:     {out}/samples.jsonl\n"
+        f"  outputs:     {out.root}\n"
+        f"  metrics:     {out.metrics} (TensorBoard: tensorboard --logdir {out.tensorboard})\n"
+        f"  samples:     {out.samples}\n"
         f"  checkpoint:  {summary['last_checkpoint']}"
     )
     if summary["status"] == "stopped":
-        print(f"continue with: ./pants run src/driver:train -- --resume --output-dir {out}")
+        print(f"continue with: ./pants run src/driver:train -- --resume --output-dir {out.root}")
         return EXIT_STOPPED
     return EXIT_OK
 

@@ -21,16 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from driver.strategy import SHAPINGS, StrategyConfig
+from shared.engine_pex import (
+    CPU_ENGINE_TARGET,
+    DEFAULT_PEX_ROOT,
+    ENGINE_PEX_ENV,
+    ENGINE_TARGET,
+    GPU_ENGINE_TARGET,
+    PEX_ROOT_ENV,
+    pex_path,
+)
+from shared.protocol import CPU_LINEAR_MODES, DTYPES, PACKAGED_MODELS, RESTORE_MODES
 
+# Where the engines run: "cpu" and "cuda" (transformers on CPUs or CUDA GPUs), "vllm" (GPUs, TPUs or CPUs).
 BACKENDS = ("cpu", "cuda", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
 DATASETS = ("generated", "reference", "hf")
-# engine.torch_weights.RESTORE_MODES (the driver does not import engine code).
-RESTORE_MODES = ("master", "subtract", "device")
-# engine.gguf_import.MODELS: pretrained models the CPU engine ships and imports (`--model NAME`).
-PACKAGED_MODELS = ("smollm2-135m-instruct",)
-# engine.vllm_cpu.CPU_LINEAR_MODES.
-CPU_LINEAR_MODES = ("read", "repack")
 # Qiu et al. 2025, Sec. 4 (Countdown): sigma = 0.001, alpha = 0.0005 for 0.5B-8B models.
 PAPER_SIGMA, PAPER_ALPHA = 0.001, 0.0005
 # The tiny default model (0.36 M parameters) needs a larger perturbation for members to differ at all:
@@ -174,9 +178,9 @@ class TrainConfig:
     # Where engines come from.
     engine_pex: str | None = _opt(
         None,
-        "engine PEX; default: build it with `./pants package src/engine:engine` "
-        "when run from the source tree, else $HERMETIC_ES_ENGINE_PEX or "
-        "dist/src.engine/engine.pex",
+        f"engine PEX; default: build it with `./pants package {ENGINE_TARGET}` (the GPU or CPU engine "
+        "where the backend needs it) when run from the source tree, else "
+        f"${ENGINE_PEX_ENV} or {pex_path(ENGINE_TARGET)}",
     )
     build_engine: bool = _opt(
         True, "build the engine PEX with Pants when run from the source tree and " "--engine-pex is not given"
@@ -187,7 +191,7 @@ class TrainConfig:
         "$HERMETIC_ES_ENGINE_PYTHON or the driver's base interpreter",
     )
     pex_root: str | None = _opt(
-        None, "PEX_ROOT on every node; default: $HERMETIC_ES_PEX_ROOT or " "$HOME/.cache/hermetic-es/pex_root"
+        None, f"PEX_ROOT on every node; default: ${PEX_ROOT_ENV} or {DEFAULT_PEX_ROOT}"
     )
     engine_start_timeout: float = _opt(
         120.0, "seconds for engine actors to start once the PEX is " "extracted on the node", "s"
@@ -306,8 +310,6 @@ class TrainConfig:
         """The Pants target of the engine PEX this run needs: src/engine:engine-gpu for vLLM on GPUs,
         src/engine:engine-cpu for vLLM on CPUs or a packaged `--model`, else src/engine:engine
         (transformers, and vLLM on TPU)."""
-        from driver.engine_build import CPU_ENGINE_TARGET, ENGINE_TARGET, GPU_ENGINE_TARGET
-
         if self.backend == "vllm" and self.engine_gpus:
             return GPU_ENGINE_TARGET
         if self.vllm_on_cpu or self.model is not None:

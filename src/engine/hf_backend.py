@@ -1,18 +1,24 @@
-"""The CPU rollout backend: Hugging Face transformers + torch, batched greedy generation.
+"""The transformers backend: Hugging Face transformers + torch (CPU or CUDA), batched greedy generation.
 
-Loads a model directory (safetensors) offline, generates greedily (the paper decodes greedily) with left
-padding and `max_new_tokens`, and returns each completion cut at its first EOS, decoded without special
-tokens (as vLLM returns text). The same torch model is what `engine.torch_weights` perturbs in place.
+`HFBackend` loads a model directory (safetensors) offline, generates greedily (the paper decodes greedily)
+with left padding and `max_new_tokens`, and returns each completion cut at its first EOS, decoded without
+special tokens (as vLLM returns text). `TransformersBackend` adds the ES weight operations of
+`engine.torch_weights` on the same torch model: the `engine.backend.Backend` the engine actor uses.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.backend import Completion
+from engine.torch_weights import TorchWeights
+from shared.protocol import CheckpointResult, LoadRequest
+from shared.run_layout import CheckpointFiles, atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,9 +28,8 @@ def use_deterministic_kernels() -> None:
 
     `torch.use_deterministic_algorithms(True)` plus `CUBLAS_WORKSPACE_CONFIG=:4096:8` (PyTorch's
     "Reproducibility" notes). Without it, greedy generation on a GPU is not reproducible even on one model
-    instance: on an H100, two identical runs of 16 prompts x 64 tokens with a 0.5 B bf16 model agreed on 8
-    of 16 completions; with it on 16 of 16, at 1.7x the generation time (`bench/gpu_check.py`). Exact resume
-    and fault recovery of a training run depend on it. Call it before the process's first cuBLAS call (the
+    instance (docs/measurements.md, `bench/gpu_check.py`). Exact resume and fault recovery of a training
+    run depend on it. Call it before the process's first cuBLAS call (the
     variable is read when cuBLAS creates its handle); an engine actor is a fresh process, so loading the
     model is early enough.
     """
@@ -36,16 +41,6 @@ def use_deterministic_cublas() -> None:
     """Sets `CUBLAS_WORKSPACE_CONFIG=:4096:8` (unless set) in this process's environment: cuBLAS then
     reduces deterministically in this process and in the processes it starts (vLLM's workers)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated completion: text after the prompt (without EOS), tokens generated (EOS included),
-    and whether EOS ended it."""
-
-    text: str
-    num_tokens: int
-    finished: bool
 
 
 class HFBackend:
@@ -105,3 +100,67 @@ class HFBackend:
                     Completion(text=text, num_tokens=len(tokens) + int(finished), finished=finished)
                 )
         return completions
+
+
+class TransformersBackend:
+    """The `engine.backend.Backend` of transformers: `HFBackend` generation and `TorchWeights` ES
+    operations on one torch model.
+
+    Args:
+        request: model directory, dtype, device, restore mode, fp32 master and determinism
+            (`shared.protocol.LoadRequest`; its vLLM options are ignored).
+
+    Raises:
+        ValueError: unknown dtype, or a master that does not match the model. OSError: missing files.
+    """
+
+    def __init__(self, request: LoadRequest) -> None:
+        if request.deterministic and request.device != "cpu":
+            use_deterministic_kernels()
+        self.generator = HFBackend(request.model_dir, dtype=request.dtype, device=request.device)
+        self.weights = TorchWeights(self.generator.model, restore_mode=request.restore_mode)
+        if request.master_path:
+            from safetensors.torch import load_file
+
+            self.weights.load_master(load_file(request.master_path))
+        self.parameters = sum(p.numel() for p in self.weights.params.values())
+
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[Completion]:
+        return self.generator.generate(prompts, max_new_tokens, batch_size)
+
+    def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
+        self.weights.perturb(seed, sigma, sign)
+
+    def restore(self) -> None:
+        self.weights.restore()
+
+    def apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        self.weights.apply_update(pairs)
+        return self.weights.fingerprint()
+
+    def fingerprint(self) -> str:
+        return self.weights.fingerprint()
+
+    def master(self) -> dict[str, Any]:
+        return self.weights.master
+
+    def load_master(self, tensors: dict[str, Any]) -> str:
+        self.weights.load_master(tensors)
+        return self.weights.fingerprint()
+
+    def save_checkpoint(self, files: CheckpointFiles) -> CheckpointResult:
+        """Saves model (safetensors) and tokenizer as `files.model`, atomically; the fp32 master goes to
+        `files.master` when the weights are not float32 (so that a resume continues bit-exactly)."""
+        from safetensors.torch import save_file
+
+        with atomic_dir(files.model) as tmp:
+            self.generator.model.save_pretrained(tmp, safe_serialization=True)
+            self.generator.tokenizer.save_pretrained(tmp)
+        master = None
+        if any(p.dtype != self.weights.master[name].dtype for name, p in self.weights.params.items()):
+            master = str(files.master)
+            save_file(self.weights.master, master)
+        return CheckpointResult(model=str(files.model), master=master, fingerprint=self.weights.fingerprint())
+
+    def close(self) -> None:
+        """Nothing to free beyond the model, which garbage collection takes."""

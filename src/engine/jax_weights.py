@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shared.protocol import RESTORE_MODES as PROTOCOL_RESTORE_MODES
 from shared.seeds import noise_seed, split_seed_u32
 
-RESTORE_MODES = ("master", "subtract")
+# The restore modes of shared.protocol.RESTORE_MODES that JAX weights support ("device" is torch-only).
+RESTORE_MODES = tuple(m for m in PROTOCOL_RESTORE_MODES if m != "device")
 
 
 def leaf_names(tree: Any) -> list[str]:

@@ -12,10 +12,9 @@ Memory: one parameter's noise at a time lives on the device; the master copy (4 
 lives in host memory (page-locked when the weights are on a GPU, for faster host-to-device copies). In the
 default modes there is never a second full copy of the weights on the device. `restore_mode="device"`
 trades one for speed: it keeps the unperturbed weights, in their own dtype, on the device and restores
-with one device-to-device copy instead of a host-to-device copy of the fp32 master (bound by PCIe: on an
-H100, perturb + restore of 0.48 B bf16 parameters took 65.8 ms with "master", 25.9 ms with "device";
-`bench/gpu_check.py`). It is exact too: the copy is the fp32 master rounded to the parameter dtype, i.e.
-exactly what "master" writes back.
+with one device-to-device copy instead of a host-to-device copy of the fp32 master (bound by PCIe; the
+figures are in docs/measurements.md, from `bench/gpu_check.py`). It is exact too: the copy is the fp32
+master rounded to the parameter dtype, i.e. exactly what "master" writes back.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from shared.protocol import RESTORE_MODES
 from shared.seeds import noise_seed
-
-RESTORE_MODES = ("master", "subtract", "device")
 
 
 def noise_like(

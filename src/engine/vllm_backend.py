@@ -20,10 +20,14 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.hf_backend import Completion, use_deterministic_cublas
+from engine.backend import Completion
+from engine.hf_backend import use_deterministic_cublas
+from shared.protocol import CPU_LINEAR_MODES, CheckpointResult, LoadRequest
+from shared.run_layout import MASTER, CheckpointFiles, atomic_dir
 
 TORCH_EXTENSION = "engine.vllm_worker.TorchWorkerExtension"
 
@@ -75,7 +79,7 @@ class VLLMBackend:
         cpu_kv_cache_gib: KV cache of an engine on vLLM's CPU platform, GiB of host RAM
             (`kv_cache_memory_bytes`).
         cpu_linear: on vLLM's CPU platform, how linear layers reach the weights ES perturbs
-            (`engine.vllm_cpu.CPU_LINEAR_MODES`: "read" computes from the parameters, "repack"
+            (`shared.protocol.CPU_LINEAR_MODES`: "read" computes from the parameters, "repack"
             re-packs vLLM's kernels after every weight change). CPU engines also run eagerly
             (`enforce_eager=True`, unless given): nothing is compiled around the weights.
         restore_mode: "master" (exact, fp32 host master) or "subtract"; "device" on GPUs only.
@@ -138,6 +142,49 @@ class VLLMBackend:
         if check:
             self.check_perturbation_reaches_logits()
 
+    @classmethod
+    def from_request(cls, request: LoadRequest, **kwargs: Any) -> VLLMBackend:
+        """The backend for a `shared.protocol.LoadRequest` (its `vllm` options; `device` is ignored: vLLM
+        finds its platform), with the request's fp32 master loaded. `kwargs` go to the constructor (tests
+        pass a stand-in `llm`)."""
+        backend = cls(
+            request.model_dir,
+            dtype=request.dtype,
+            restore_mode=request.restore_mode,
+            deterministic=request.deterministic,
+            **asdict(request.vllm),
+            **kwargs,
+        )
+        if request.master_path:
+            backend.load_master_file(request.master_path)
+        return backend
+
+    @property
+    def parameters(self) -> int:
+        """ES parameters (elements) summed over the workers (tensor-parallel ranks)."""
+        return sum(worker["parameters"] for worker in self.workers)
+
+    def save_checkpoint(self, files: CheckpointFiles) -> CheckpointResult:
+        """Writes the checkpoint's model from the master. With torch workers (GPUs, CPUs) the master is in
+        the checkpoint's layout (the ranks' shards joined): `files.model` then holds the trained weights
+        in `dtype` and loads in transformers and vLLM alike; the fp32 master is written to `files.master`
+        when `dtype` is not float32. On TPUs the master is in tpu-inference's layout: `files.model` is a
+        copy of the loaded model directory and the trained weights are in `files.master` (leaf names),
+        which `from_request` loads back."""
+        from safetensors.torch import save_file
+
+        tensors = self.master()
+        with atomic_dir(files.model) as tmp:
+            if not self.checkpoint_layout:
+                shutil.copytree(self.model_dir, tmp, dirs_exist_ok=True)
+            else:
+                write_model_dir(self.model_dir, tensors, self.dtype, tmp)
+        master = None
+        if not self.checkpoint_layout or self.dtype != "float32":
+            master = str(files.master)
+            save_file(tensors, master)
+        return CheckpointResult(model=str(files.model), master=master, fingerprint=self.fingerprint())
+
     def _probe_logprobs(self) -> list[list[tuple[int, float]]]:
         from vllm import SamplingParams
 
@@ -191,7 +238,6 @@ class VLLMBackend:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from engine.vllm_cpu import CPU_LINEAR_MODES
         from engine.vllm_worker import CPU_LINEAR_ENV
 
         if deterministic:
@@ -294,7 +340,7 @@ class VLLMBackend:
         from safetensors.torch import save_file
 
         with tempfile.TemporaryDirectory(prefix="es-master-") as tmp:
-            path = str(Path(tmp) / "master.safetensors")
+            path = str(Path(tmp) / MASTER)
             save_file(
                 {name: torch.as_tensor(t, dtype=torch.float32).contiguous() for name, t in tensors.items()},
                 path,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-CPU_LINEAR_MODES = ("read", "repack")
+from shared.protocol import CPU_LINEAR_MODES
 
 # The mode this process installed (None: not installed, vLLM's own dispatch).
 _installed: str | None = None

@@ -4,7 +4,9 @@ The driver must never import engine code (its resolve lacks vLLM, JAX and torch 
 creates the engine actors. It does so by wrapping `EngineHost` with `ray.remote`: Ray pickles this class by
 reference (`shared.engine_host.EngineHost`), the worker started from the engine PEX imports it from its own
 copy of `shared`, and `EngineHost.__init__` imports the engine class named by `target` there, in the
-engine's environment. Only this module and its stdlib imports are needed on both sides.
+engine's environment. The host's typed methods are the `shared.protocol.Engine` interface, as Ray actor
+methods (`handle.evaluate.remote(problems, request)`); `call` reaches any other public method of the
+engine (diagnostics, test engines).
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import os
 import platform
 import sys
 from typing import Any
+
+from shared.countdown import CountdownProblem
+from shared.protocol import (
+    REPORTED_MODULES,
+    CheckpointResult,
+    LoadRequest,
+    LoadResult,
+    RolloutRequest,
+    RolloutResult,
+)
 
 DEFAULT_ENGINE_TARGET = "engine.actor:EngineActor"
 
@@ -145,3 +157,38 @@ class EngineHost:
         if method.startswith("_"):
             raise AttributeError(f"engine method {method!r} is private")
         return getattr(self._engine, method)(*args, **kwargs)
+
+    # The `shared.protocol.Engine` interface (documented there), delegated to the hosted engine.
+
+    def ping(self) -> dict[str, int]:
+        return self._engine.ping()
+
+    def module_versions(self, modules: tuple[str, ...] = REPORTED_MODULES) -> dict[str, str | None]:
+        return self._engine.module_versions(modules)
+
+    def make_tiny_model(self, out_dir: str, seed: int = 0, warm_start_steps: int = 0) -> str:
+        return self._engine.make_tiny_model(out_dir, seed=seed, warm_start_steps=warm_start_steps)
+
+    def import_model(self, name: str, out_dir: str, dtype: str = "bfloat16") -> str:
+        return self._engine.import_model(name, out_dir, dtype=dtype)
+
+    def load_model(self, request: LoadRequest) -> LoadResult:
+        return self._engine.load_model(request)
+
+    def evaluate(self, problems: list[CountdownProblem], request: RolloutRequest) -> RolloutResult:
+        return self._engine.evaluate(problems, request)
+
+    def apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        return self._engine.apply_update(pairs)
+
+    def fingerprint(self) -> str:
+        return self._engine.fingerprint()
+
+    def export_master(self) -> dict[str, Any]:
+        return self._engine.export_master()
+
+    def import_master(self, master: dict[str, Any]) -> str:
+        return self._engine.import_master(master)
+
+    def save_checkpoint(self, checkpoint_dir: str) -> CheckpointResult:
+        return self._engine.save_checkpoint(checkpoint_dir)

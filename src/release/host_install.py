@@ -33,7 +33,18 @@ from pathlib import Path
 
 MANIFEST = "bundle-manifest.json"
 INSTALLER = "install.py"
-DEFAULT_PEX_ROOT = "~/.cache/hermetic-es/pex_root"
+# This file is copied alone into every bundle and runs with the hosts' bare CPython (stdlib only), so it
+# cannot import `shared`: these two are copies of shared.engine_pex's, which tests/test_ship.py compares.
+DEFAULT_PEX_ROOT = "$HOME/.cache/hermetic-es/pex_root"
+PEX_RUNTIME_VARS = (
+    "PEX",
+    "PEX_ROOT",
+    "PEX_PATH",
+    "PEX_INTERPRETER",
+    "PEX_SCRIPT",
+    "PEX_MODULE",
+    "PEX_INHERIT_PATH",
+)
 # Files the manifest cannot list about itself.
 UNLISTED = (MANIFEST,)
 
@@ -165,8 +176,8 @@ def prepare(release: Path, python: str, pex_root: str, timeout_s: float = 1800.0
     Raises:
         RuntimeError: the engine PEX does not run with `python` (its stderr included).
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
-    env["PEX_ROOT"] = os.path.expanduser(pex_root)
+    env = {k: v for k, v in os.environ.items() if k not in PEX_RUNTIME_VARS}
+    env["PEX_ROOT"] = os.path.expandvars(os.path.expanduser(pex_root))
     cmd = [python, str(release / "engine.pex"), "-c", "import sys; print(sys.prefix)"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
     if proc.returncode != 0:

@@ -1,4 +1,4 @@
-"""`./pants run src/driver:bundle -- [--out dist/bundle] [--vm-python PATH]`: the release bundle.
+"""`./pants run src/release:bundle -- [--out dist/bundle] [--vm-python PATH]`: the release bundle.
 
 A bundle is a directory that holds everything a TPU VM needs besides its CPython 3.12:
     train.pex                the driver PEX (zipapp)
@@ -20,23 +20,29 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from driver import host_install
-from driver.engine_build import EngineBuildError, source_tree
+from driver.engine_build import EngineBuildError, pants_package, source_tree
 from driver.manifest import git_revision, lockfile_hashes
-from driver.run_dir import write_json_atomic
+from release import host_install
+from shared.engine_pex import ENGINE_TARGET, pex_path
+from shared.lockfile import LOCKFILES_DIR, LockfileError, locked_versions
+from shared.run_layout import atomic_dir, write_json_atomic
+
+
+def _artifact(target: str) -> tuple[str, str]:
+    """(target, path under dist/) of a pex_binary target."""
+    return target, str(pex_path(target).relative_to("dist"))
+
 
 # Bundle file name -> (Pants target, path under dist/).
 ARTIFACTS = {
-    "train.pex": ("src/driver:train", "src.driver/train.pex"),
-    "prepare-engine.pex": ("src/driver:prepare-engine", "src.driver/prepare-engine.pex"),
-    "engine.pex": ("src/engine:engine", "src.engine/engine.pex"),
+    "train.pex": _artifact("src/driver:train"),
+    "prepare-engine.pex": _artifact("src/release:prepare-engine"),
+    "engine.pex": _artifact(ENGINE_TARGET),
 }
 # Distributions whose locked versions the manifest records, per resolve.
 LOCKED = {
@@ -63,35 +69,32 @@ def read_pins(root: Path) -> dict[str, str]:
         raise BundleError(f"{root / PINS}: unreadable pins file: {e}") from e
 
 
-def locked_versions(lockfile: Path, names: tuple[str, ...]) -> dict[str, str | None]:
-    """{distribution: version} of `names` in a Pants lockfile (None where absent).
+def locked(root: Path) -> dict[str, dict[str, str | None]]:
+    """{resolve: {distribution: locked version}} of the `LOCKED` distributions in `root`'s lockfiles.
 
     Raises:
-        BundleError: the lockfile is unreadable.
+        BundleError: a lockfile is unreadable.
     """
     try:
-        body = "\n".join(line for line in lockfile.read_text().splitlines() if not line.startswith("//"))
-        locked = json.loads(body)["locked_resolves"][0]["locked_requirements"]
-    except (OSError, ValueError, KeyError, IndexError) as e:
-        raise BundleError(f"{lockfile}: not a readable Pants lockfile: {e}") from e
-    versions = {r["project_name"]: r["version"] for r in locked}
-    return {name: versions.get(name) for name in names}
+        return {
+            resolve: locked_versions(root / LOCKFILES_DIR / f"{resolve}.lock", names)
+            for resolve, names in LOCKED.items()
+        }
+    except (OSError, LockfileError, KeyError) as e:
+        raise BundleError(f"not a readable Pants lockfile: {e}") from e
 
 
 def make_manifest(bundle: Path, root: Path, vm_python: str, artifacts: list[str]) -> dict[str, Any]:
     """The manifest of the bundle directory `bundle` (whose artifacts are named `artifacts`), built from
     the source tree at `root`."""
     files = host_install.file_table(bundle)
-    lockdir = root / "3rdparty/python"
     return {
         "format": 1,
         "id": host_install.bundle_id(files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git": git_revision(root),
         "lockfiles": lockfile_hashes(root),
-        "locked": {
-            resolve: locked_versions(lockdir / f"{resolve}.lock", names) for resolve, names in LOCKED.items()
-        },
+        "locked": locked(root),
         "python": read_pins(root)["python"],
         "vm_python": vm_python,
         "artifacts": {
@@ -130,9 +133,7 @@ def assemble(
     if missing:
         targets = " ".join(t for t, _ in artifacts.values())
         raise BundleError(f"not built: {missing}; run ./pants package {targets}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         for name, (_, rel) in artifacts.items():
             source = dist / rel
             copy = os.link if link else shutil.copy2
@@ -143,12 +144,6 @@ def assemble(
         shutil.copy2(host_install.__file__, tmp / host_install.INSTALLER)
         manifest = make_manifest(tmp, root, vm_python, list(artifacts))
         write_json_atomic(tmp / host_install.MANIFEST, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -158,14 +153,7 @@ def build(root: Path) -> Path:
     Raises:
         EngineBuildError: Pants failed.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
-    env["PANTS_CONCURRENT"] = "True"
-    targets = [target for target, _ in ARTIFACTS.values()]
-    proc = subprocess.run(["./pants", "package", *targets], cwd=root, env=env, check=False)
-    if proc.returncode != 0:
-        raise EngineBuildError(
-            f"`./pants package {' '.join(targets)}` failed (exit status {proc.returncode})"
-        )
+    pants_package(root, [target for target, _ in ARTIFACTS.values()])
     return root / "dist"
 
 
@@ -181,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = source_tree()
     if root is None:
-        print("bundle: run from the repository root (./pants run src/driver:bundle)", file=sys.stderr)
+        print("bundle: run from the repository root (./pants run src/release:bundle)", file=sys.stderr)
         return 2
     try:
         vm_python = args.vm_python or read_pins(root)["vm_python"]

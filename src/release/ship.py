@@ -1,4 +1,4 @@
-"""`./pants run src/driver:ship -- --bundle dist/bundle --transport T --dest DIR ...`: ship a bundle.
+"""`./pants run src/release:ship -- --bundle dist/bundle --transport T --dest DIR ...`: ship a bundle.
 
 Each host receives the bundle into DEST/.staging-<id>/, then runs the bundle's own `install.py` there,
 which verifies every file against the manifest before anything runs, renames the staging directory to
@@ -30,7 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from driver import host_install
+from release import host_install
+from shared.engine_pex import DEFAULT_PEX_ROOT
 
 TRANSPORTS = ("local", "ssh", "gcloud")
 
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tpu", help="gcloud: TPU VM name")
     parser.add_argument("--zone", help="gcloud: zone")
     parser.add_argument("--python", help="CPython 3.12 on the hosts; default: the manifest's vm_python")
-    parser.add_argument("--pex-root", default=host_install.DEFAULT_PEX_ROOT, help="default: %(default)s")
+    parser.add_argument("--pex-root", default=DEFAULT_PEX_ROOT, help="default: %(default)s")
     parser.add_argument("--no-prepare", dest="prepare", action="store_false", help="skip engine extraction")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)  # fmt: skip

@@ -1,4 +1,4 @@
-"""`./pants run src/driver:prepare-engine -- [--engine-pex P] [--engine-python PY] [--pex-root R]`
+"""`./pants run src/release:prepare-engine -- [--engine-pex P] [--engine-python PY] [--pex-root R]`
 
 Pre-extracts the engine PEX into its venv under PEX_ROOT on this node, so that engine actors started later
 with the same PEX, interpreter and PEX_ROOT skip extraction (a multi-GB engine PEX takes minutes to

@@ -1,4 +1,7 @@
-"""The output directory of a training run: config, manifest, metrics, samples and checkpoints.
+"""The run and checkpoint format: every file name of a training run's output directory, and the atomic
+writes that keep it consistent. The driver writes the run; the engines write a checkpoint's model files
+(`checkpoint_files`); `evaluate` reads checkpoints back (`checkpoint_run`). No other module spells one of
+these file names.
 
 Layout (OUTPUT_DIR):
     config.json                  the resolved TrainConfig
@@ -25,25 +28,38 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CHECKPOINT_PATTERN = re.compile(r"^iter-(\d{6})$")
+# Files of a run directory.
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"
+TENSORBOARD = "tensorboard"
+BASE_MODEL = "base-model"
+CHECKPOINTS = "checkpoints"
+# Files of a checkpoint directory.
 ES_STATE = "es_state.json"
+MODEL = "model"
+MASTER = "master.safetensors"
+EVAL = "eval.json"
 
 
 class RunDirError(RuntimeError):
     """The output directory is unusable: a run exists where a new one should start, or none to resume."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes `data` as indented JSON to `path` via a temporary file and a rename."""
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
+    """Writes `data` as indented JSON to `path` via a temporary file (flushed to disk) and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -51,6 +67,72 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yields a temporary sibling directory of `out` to fill; on normal exit it replaces `out` (an existing
+    `out` is moved aside first and deleted after), on an exception it is removed. So a directory named
+    `out` is always complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint directory: `model` (a Hugging Face directory, safetensors), `master`
+    (fp32 master weights, present only when the model's weights are not fp32 or not in the checkpoint's
+    layout), `es_state` (the driver's ES state) and `eval` (written by `evaluate`)."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def master(self) -> Path:
+        return self.root / MASTER
+
+    @property
+    def es_state(self) -> Path:
+        return self.root / ES_STATE
+
+    @property
+    def eval(self) -> Path:
+        return self.root / EVAL
+
+    def is_checkpoint(self) -> bool:
+        """True when the directory holds a complete checkpoint (ES state and model)."""
+        return self.es_state.is_file() and self.model.is_dir()
+
+
+def checkpoint_files(path: str | Path) -> CheckpointFiles:
+    """The files of the checkpoint directory `path`."""
+    return CheckpointFiles(Path(path))
+
+
+def checkpoint_run(path: str | Path) -> RunDir | None:
+    """The run directory a checkpoint directory belongs to (OUTPUT_DIR for OUTPUT_DIR/checkpoints/iter-*),
+    or None when `path` is not inside a run's checkpoints directory."""
+    path = Path(path).absolute()
+    if path.parent.name != CHECKPOINTS or not CHECKPOINT_PATTERN.match(path.name):
+        return None
+    run = RunDir(path.parent.parent)
+    return run if run.has_run() else None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -77,13 +159,13 @@ class RunDir:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
-        self.config = self.root / "config.json"
-        self.manifest = self.root / "manifest.json"
-        self.metrics = self.root / "metrics.jsonl"
-        self.samples = self.root / "samples.jsonl"
-        self.tensorboard = self.root / "tensorboard"
-        self.base_model = self.root / "base-model"
-        self.checkpoints = self.root / "checkpoints"
+        self.config = self.root / CONFIG
+        self.manifest = self.root / MANIFEST
+        self.metrics = self.root / METRICS
+        self.samples = self.root / SAMPLES
+        self.tensorboard = self.root / TENSORBOARD
+        self.base_model = self.root / BASE_MODEL
+        self.checkpoints = self.root / CHECKPOINTS
 
     def has_run(self) -> bool:
         """True when a run was already started here (its config was written)."""
@@ -99,29 +181,14 @@ class RunDir:
         if self.checkpoints.is_dir():
             for path in self.checkpoints.iterdir():
                 match = CHECKPOINT_PATTERN.match(path.name)
-                if match and (path / ES_STATE).exists():
+                if match and checkpoint_files(path).es_state.exists():
                     found.append((int(match.group(1)), path))
         return max(found) if found else None
 
-    @contextlib.contextmanager
-    def new_checkpoint(self, updates: int):
+    def new_checkpoint(self, updates: int) -> contextlib.AbstractContextManager[Path]:
         """Yields a temporary directory to fill; on normal exit it becomes `checkpoint_path(updates)`
-        (replacing an older one of the same name), on an exception it is removed."""
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoint_path(updates)
-        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{final.name}."))
-        try:
-            yield tmp
-            if final.exists():
-                old = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{final.name}.old."))
-                os.replace(final, old / final.name)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        (replacing an older one of the same name), on an exception it is removed (`atomic_dir`)."""
+        return atomic_dir(self.checkpoint_path(updates))
 
     def read_checkpoint_state(self, path: Path) -> dict[str, Any]:
         """The es_state.json of a checkpoint directory.
@@ -129,10 +196,11 @@ class RunDir:
         Raises:
             RunDirError: missing or unreadable.
         """
+        state = checkpoint_files(path).es_state
         try:
-            return json.loads((path / ES_STATE).read_text())
+            return json.loads(state.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{path / ES_STATE}: unreadable checkpoint state: {e}") from e
+            raise RunDirError(f"{state}: unreadable checkpoint state: {e}") from e
 
     def append_jsonl(self, path: Path, rows: Iterable[dict[str, Any]]) -> None:
         """Appends rows to a JSON-lines file and flushes them to disk."""

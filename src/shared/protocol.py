@@ -1,0 +1,239 @@
+"""The driver-engine contract: what every engine does (`Engine`) and the typed messages between them.
+
+The driver starts engine actors of `shared.engine_host.EngineHost`, which hosts an `Engine` implementation
+(`engine.actor.EngineActor`) inside the engine PEX, and calls its methods through Ray. Requests and
+results are the frozen dataclasses below: Ray pickles them by reference (`shared.protocol.X`), and the
+driver's and the engine's environments each import this same module, so a field added here reaches both
+sides at once. Values that must agree on both sides (restore modes, backends, dtypes, packaged models, the
+versions an engine reports) are defined here and nowhere else.
+
+Units: seconds for durations, tokens for lengths, GiB for memory. Weights' fingerprints are SHA-256 hex
+digests (64 characters) of the weights' bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.countdown import CountdownProblem
+
+# How `Weights.restore` undoes a perturbation (engine.torch_weights): "master" copies back from an fp32
+# host copy (exact), "subtract" subtracts the noise again, "device" keeps the copy in device memory.
+RESTORE_MODES = ("master", "subtract", "device")
+# The engines' rollout backends: transformers (torch, CPU or CUDA) and vLLM (GPU, TPU or CPU platform).
+ENGINE_BACKENDS = ("transformers", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
+# How linear layers of vLLM's CPU platform reach the weights ES perturbs (engine.vllm_cpu).
+CPU_LINEAR_MODES = ("read", "repack")
+# Pretrained models the CPU engine ships and imports by name (engine.gguf_import.MODELS).
+PACKAGED_MODELS = ("smollm2-135m-instruct",)
+# Distributions whose versions the engines report (run manifest, doctor): every flavour of vLLM, its
+# platform packages and the libraries ES depends on. Distribution names; None where not installed.
+REPORTED_DISTRIBUTIONS = (
+    "ray",
+    "vllm-tpu",
+    "vllm",
+    "vllm-cpu",
+    "tpu-inference",
+    "jax",
+    "jaxlib",
+    "libtpu",
+    "torch",
+    "transformers",
+)
+# Modules whose `__version__` the run manifest records from every engine (cheap imports: no TPU probing).
+REPORTED_MODULES = ("ray", "torch", "transformers", "numpy")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Settings of a vLLM engine (`engine.vllm_backend.VLLMBackend`).
+
+    Attributes:
+        tensor_parallel_size: workers (GPUs or TPU chips) one engine's model is sharded over.
+        gpu_memory_utilization: share (0, 1] of device memory vLLM may take; unused on CPUs.
+        max_model_len: prompt + completion tokens per sequence.
+        cpu_kv_cache_gib: KV cache of an engine on vLLM's CPU platform, GiB of host RAM.
+        cpu_linear: `CPU_LINEAR_MODES` ("read" or "repack"), on vLLM's CPU platform only.
+    """
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 2048
+    cpu_kv_cache_gib: float = 1.0
+    cpu_linear: str = "read"
+
+    def __post_init__(self) -> None:
+        _choice("cpu_linear", self.cpu_linear, CPU_LINEAR_MODES)
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Which weights an engine loads and how it runs them (`Engine.load_model`).
+
+    Attributes:
+        model_dir: a Hugging Face model directory on the engine's node (config, safetensors, tokenizer).
+        backend: `ENGINE_BACKENDS`.
+        dtype: `DTYPES`; the weights' dtype on the device.
+        device: torch device of the transformers backend ("cpu", "cuda"); vLLM picks its own platform.
+        restore_mode: `RESTORE_MODES`.
+        master_path: a checkpoint's fp32 master (`shared.run_layout.MASTER`) loaded over the model's
+            weights, so that a resumed run continues bit-exactly; None when the model is the weights.
+        deterministic: deterministic GPU kernels (needed for reproducible GPU rollouts; CPUs always are).
+        vllm: settings of the vLLM backend.
+
+    Raises:
+        ValueError: a field outside its allowed values (named).
+    """
+
+    model_dir: str
+    backend: str = "transformers"
+    dtype: str = "float32"
+    device: str = "cpu"
+    restore_mode: str = "master"
+    master_path: str | None = None
+    deterministic: bool = False
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+
+    def __post_init__(self) -> None:
+        _choice("backend", self.backend, ENGINE_BACKENDS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("restore_mode", self.restore_mode, RESTORE_MODES)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """A loaded model: its weights' `fingerprint` and number of ES `parameters` (elements, summed over
+    tensor-parallel ranks)."""
+
+    fingerprint: str
+    parameters: int
+
+
+@dataclass(frozen=True)
+class Member:
+    """One perturbation of the population: theta + sign * sigma * eps(seed) (Qiu et al. 2025, Alg. 1).
+
+    Attributes:
+        seed: the member seed (`shared.seeds.member_seed`), from which every parameter's noise is drawn.
+        sign: +1 or -1 (antithetic pairs share a seed).
+        sigma: the noise scale (dimensionless, relative to the weights' units).
+    """
+
+    seed: int
+    sign: int = 1
+    sigma: float = 0.0
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """How to score a batch of problems (`Engine.evaluate`).
+
+    Attributes:
+        max_new_tokens: tokens generated per problem at most (greedy decoding).
+        member: the perturbation to score, or None for the unperturbed weights.
+        batch_size: prompts per generate call of the transformers backend (vLLM schedules its own).
+        num_samples: completions returned as `Sample`s (the first ones).
+    """
+
+    max_new_tokens: int
+    member: Member | None = None
+    batch_size: int = 16
+    num_samples: int = 2
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion: the problem's id, the generated text and its Countdown reward."""
+
+    id: int | str
+    completion: str
+    reward: float
+
+
+@dataclass(frozen=True)
+class RolloutSeconds:
+    """Wall-clock seconds of one rollout's phases inside the engine."""
+
+    perturb: float = 0.0
+    generate: float = 0.0
+    restore: float = 0.0
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """Scores of one rollout, per problem in request order (`shared.countdown.reward`): `rewards` (total),
+    `answers` (answer part, 0 or 1), `formats` (format part); `tokens` generated in all; the first
+    `samples`; and the phases' `seconds`."""
+
+    rewards: list[float]
+    answers: list[float]
+    formats: list[float]
+    tokens: int
+    samples: list[Sample]
+    seconds: RolloutSeconds
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """A checkpoint an engine wrote (`shared.run_layout.CheckpointFiles`): the `model` directory, the
+    fp32 `master` file or None when the model holds the exact weights, and the weights' `fingerprint`."""
+
+    model: str
+    master: str | None
+    fingerprint: str
+
+
+class Engine(Protocol):
+    """What one rollout engine does; `engine.actor.EngineActor` implements it inside the engine PEX and
+    `shared.engine_host.EngineHost` exposes it to the driver as Ray actor methods.
+
+    Every weight operation is in place and deterministic: equal requests on equal weights give equal
+    results and fingerprints on every engine, which is how the driver keeps engines in sync.
+    """
+
+    def ping(self) -> dict[str, int]:
+        """{"engine_id": int}: a cheap liveness probe."""
+
+    def module_versions(self, modules: tuple[str, ...] = REPORTED_MODULES) -> dict[str, str | None]:
+        """module name -> `__version__` (None where it has none). Raises ImportError for a missing one."""
+
+    def make_tiny_model(self, out_dir: str, seed: int = 0, warm_start_steps: int = 0) -> str:
+        """Creates the tiny test model at `out_dir` (on the engine's node) unless it holds one; its path."""
+
+    def import_model(self, name: str, out_dir: str, dtype: str = "bfloat16") -> str:
+        """Imports the packaged model `name` (`PACKAGED_MODELS`) at `out_dir` unless it holds one.
+
+        Raises: KeyError (unknown name), FileNotFoundError (this engine environment does not ship it)."""
+
+    def load_model(self, request: LoadRequest) -> LoadResult:
+        """Loads weights, replacing (and closing) any model loaded before.
+
+        Raises: OSError (model files missing), ValueError (master or setting does not match)."""
+
+    def evaluate(self, problems: list[CountdownProblem], request: RolloutRequest) -> RolloutResult:
+        """Perturbs by `request.member` (if any), generates greedily, scores with the Countdown reward and
+        restores the weights exactly (also when generation fails). Raises RuntimeError without a model."""
+
+    def apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        """theta += sum_i coefficient_i * eps(seed_i) over (seed, coefficient) pairs; the new fingerprint."""
+
+    def fingerprint(self) -> str:
+        """The current weights' fingerprint."""
+
+    def export_master(self) -> dict[str, Any]:
+        """The fp32 master weights, name -> float32 numpy array, to resync an engine of the same backend."""
+
+    def import_master(self, master: dict[str, Any]) -> str:
+        """Replaces the weights by another engine's `export_master()`; the new fingerprint.
+
+        Raises: ValueError (names or shapes differ)."""
+
+    def save_checkpoint(self, checkpoint_dir: str) -> CheckpointResult:
+        """Writes the model files of a checkpoint (`shared.run_layout.CheckpointFiles`) atomically."""
