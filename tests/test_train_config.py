@@ -200,3 +200,24 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(capsys, tmp_path):
     assert status == train.EXIT_INVALID
     assert "already holds a run; pass --resume" in err
     assert not ray.is_initialized()
+
+
+def test_only_where_and_how_long_engines_run_may_change_on_resume():
+    saved = parse("--output-dir", "runs/a").to_dict()
+    moved = merge_for_resume(
+        saved,
+        parse("--output-dir", "runs/a", "--num-engines", "4", "--engine-cpus", "2", "--pex-root", "/x"),
+        {"num_engines", "engine_cpus", "pex_root"},
+        "c",
+    )
+    assert (moved.num_engines, moved.engine_cpus, moved.pex_root) == (4, 2.0, "/x")
+    for flag, value in (
+        ("--population", "8"),
+        ("--dtype", "bfloat16"),
+        ("--max-new-tokens", "7"),
+        ("--seed", "3"),
+    ):
+        with pytest.raises(ConfigError, match=f"{flag}: .* differs from the run being resumed"):
+            merge_for_resume(
+                saved, parse("--output-dir", "runs/a", flag, value), {flag[2:].replace("-", "_")}, "c"
+            )

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,35 +42,16 @@ PAPER_SIGMA, PAPER_ALPHA = 0.001, 0.0005
 # measured on it, sigma = 0.001 leaves every member's completions unchanged, sigma = 0.01 does not.
 TINY_SIGMA, TINY_ALPHA = 0.01, 0.005
 
-# Options a resumed run may change: where and how engines run, and how long the run goes on. Everything
-# else decides the weights and must equal the interrupted run's value.
-RESUMABLE_OVERRIDES = frozenset(
-    {
-        "iterations",
-        "num_engines",
-        "engine_cpus",
-        "engine_gpus",
-        "engine_resources",
-        "gpu_memory_utilization",
-        "cpu_kv_cache_gib",
-        "engine_pex",
-        "engine_python",
-        "pex_root",
-        "build_engine",
-        "address",
-        "engine_start_timeout",
-        "resume",
-        "progress",
-    }
-)
-
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the option (and the file, if it came from one)."""
 
 
-def _opt(default: Any, help: str, unit: str = "", **extra: Any) -> Any:
-    metadata = {"help": help, "unit": unit, **extra}
+def _opt(default: Any, help: str, unit: str = "", resumable: bool = False, **extra: Any) -> Any:
+    """A TrainConfig field: its default, --help text, unit and `choices`. `resumable`: a resumed run may
+    change it (where and how engines run, how long the run goes on); every other option decides the
+    weights and must equal the interrupted run's value."""
+    metadata = {"help": help, "unit": unit, "resumable": resumable, **extra}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -101,34 +83,42 @@ class TrainConfig:
     restore_mode: str = _opt(
         "master",
         "how perturbations are undone: master (exact, fp32 host copy), device (exact, a copy of the "
-        "weights in device memory: one more set of parameters there, ~2.5x faster on a GPU) or subtract "
+        "weights in device memory: one more set of parameters there, faster on a GPU) or subtract "
         "(the reference's, inexact in low precision)",
         choices=RESTORE_MODES,
     )
     deterministic: bool = _opt(
         True,
         "deterministic torch kernels in the engines (exact resume and fault recovery on GPUs, where "
-        "greedy generation is otherwise not reproducible; ~1.7x generation time measured on an H100)",
+        "greedy generation is otherwise not reproducible; slower: docs/measurements.md)",
     )
     tensor_parallel_size: int = _opt(
         1, "vLLM: GPUs or TPU chips each engine shards its model over (tensor parallelism)", "devices"
     )
     gpu_memory_utilization: float = _opt(
-        0.85, "vLLM: share of each device's memory an engine may take (weights and KV cache)", "fraction"
+        0.85,
+        "vLLM: share of each device's memory an engine may take (weights and KV cache)",
+        "fraction",
+        resumable=True,
     )
     max_model_len: int = _opt(2048, "vLLM: prompt + completion tokens per sequence", "tokens")
-    cpu_kv_cache_gib: float = _opt(1.0, "vLLM on CPUs: host RAM each engine reserves for its KV cache", "GiB")
+    cpu_kv_cache_gib: float = _opt(
+        1.0, "vLLM on CPUs: host RAM each engine reserves for its KV cache", "GiB", resumable=True
+    )
     cpu_linear: str = _opt(
         "read",
         "vLLM on CPUs: linear layers compute from the perturbed parameters (read), or vLLM's packed "
         "kernels are re-packed after every weight change (repack)",
         choices=CPU_LINEAR_MODES,
     )
-    num_engines: int = _opt(2, "number of engine actors", "actors")
-    engine_cpus: float = _opt(1.0, "Ray CPUs per engine actor", "logical CPUs")
-    engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs")
+    num_engines: int = _opt(2, "number of engine actors", "actors", resumable=True)
+    engine_cpus: float = _opt(1.0, "Ray CPUs per engine actor", "logical CPUs", resumable=True)
+    engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs", resumable=True)
     engine_resources: dict[str, float] = _opt(
-        {}, "extra Ray resources per engine actor, NAME=AMOUNT " "(repeatable), e.g. TPU=4", "units"
+        {},
+        "extra Ray resources per engine actor, NAME=AMOUNT " "(repeatable), e.g. TPU=4",
+        "units",
+        resumable=True,
     )
     # ES (Qiu et al. 2025, Alg. 1).
     population: int = _opt(30, "population size N (members per iteration)", "members")
@@ -145,7 +135,7 @@ class TrainConfig:
     )
     shaping: str = _opt("zscore", "fitness shaping of member rewards", choices=SHAPINGS)
     antithetic: bool = _opt(False, "mirrored pairs (seed, +sigma) and (seed, -sigma)")
-    iterations: int = _opt(20, "ES iterations (updates) in total", "iterations")
+    iterations: int = _opt(20, "ES iterations (updates) in total", "iterations", resumable=True)
     # Rollouts.
     prompts_per_member: int = _opt(16, "Countdown problems each member is scored on per iteration", "prompts")
     max_new_tokens: int = _opt(128, "completion length limit", "tokens")
@@ -173,39 +163,55 @@ class TrainConfig:
         5, "checkpoint every K iterations (and at the end); 0: only at the end", "iterations"
     )
     samples_per_iteration: int = _opt(4, "sample completions written per iteration", "samples")
-    resume: bool = _opt(False, "continue the run in OUTPUT_DIR from its last checkpoint")
-    progress: bool = _opt(True, "show a progress bar over members")
+    resume: bool = _opt(False, "continue the run in OUTPUT_DIR from its last checkpoint", resumable=True)
+    progress: bool = _opt(True, "show a progress bar over members", resumable=True)
     # Where engines come from.
     engine_pex: str | None = _opt(
         None,
         f"engine PEX; default: build it with `./pants package {ENGINE_TARGET}` (the GPU or CPU engine "
         "where the backend needs it) when run from the source tree, else "
         f"${ENGINE_PEX_ENV} or {pex_path(ENGINE_TARGET)}",
+        resumable=True,
     )
     build_engine: bool = _opt(
-        True, "build the engine PEX with Pants when run from the source tree and " "--engine-pex is not given"
+        True,
+        "build the engine PEX with Pants when run from the source tree and " "--engine-pex is not given",
+        resumable=True,
     )
     engine_python: str | None = _opt(
         None,
         "CPython 3.12 that runs the engine PEX on every node; default: "
         "$HERMETIC_ES_ENGINE_PYTHON or the driver's base interpreter",
+        resumable=True,
     )
     pex_root: str | None = _opt(
-        None, f"PEX_ROOT on every node; default: ${PEX_ROOT_ENV} or {DEFAULT_PEX_ROOT}"
+        None, f"PEX_ROOT on every node; default: ${PEX_ROOT_ENV} or {DEFAULT_PEX_ROOT}", resumable=True
     )
     engine_start_timeout: float = _opt(
-        120.0, "seconds for engine actors to start once the PEX is " "extracted on the node", "s"
+        120.0,
+        "seconds for engine actors to start once the PEX is " "extracted on the node",
+        "s",
+        resumable=True,
     )
     address: str | None = _opt(
-        None, "Ray cluster to join (e.g. auto or ray://host:10001); default: start " "a local cluster"
+        None,
+        "Ray cluster to join (e.g. auto or ray://host:10001); default: start " "a local cluster",
+        resumable=True,
     )
 
     def __post_init__(self) -> None:
+        """Derives sigma and alpha, then checks every option (`ConfigError` names the first bad one)."""
         tiny = self.model_dir is None and self.model is None
         if self.sigma is None:
             object.__setattr__(self, "sigma", TINY_SIGMA if tiny else PAPER_SIGMA)
         if self.alpha is None:
             object.__setattr__(self, "alpha", TINY_ALPHA if tiny else PAPER_ALPHA)
+        self._check_values()
+        self._check_es_and_data()
+        self._check_model_and_engines()
+
+    def _check_values(self) -> None:
+        """Each option on its own: choices, signs, finiteness."""
         for f in fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
@@ -242,6 +248,20 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_flag(name)}: must be a finite number > 0, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if not self.cpu_kv_cache_gib > 0:
+            raise ConfigError(f"--cpu-kv-cache-gib: must be > 0, got {self.cpu_kv_cache_gib!r}")
+        for name, amount in self.engine_resources.items():
+            if not isinstance(name, str) or not isinstance(amount, int | float) or amount <= 0:
+                raise ConfigError(
+                    f"--engine-resources: expected NAME=AMOUNT with AMOUNT > 0, got {name}={amount}"
+                )
+
+    def _check_es_and_data(self) -> None:
+        """The population against antithetic sampling; the dataset options together."""
         if self.antithetic and self.population % 2:
             raise ConfigError(f"--population: must be even with --antithetic, got {self.population}")
         if self.dataset != "generated" and not self.dataset_path:
@@ -253,17 +273,13 @@ class TrainConfig:
                 f"--train-size: must be >= --prompts-per-member ({self.prompts_per_member}), "
                 f"got {self.train_size}"
             )
-        for name, amount in self.engine_resources.items():
-            if not isinstance(name, str) or not isinstance(amount, int | float) or amount <= 0:
-                raise ConfigError(
-                    f"--engine-resources: expected NAME=AMOUNT with AMOUNT > 0, got {name}={amount}"
-                )
+        if self.resume and not self.output_dir:
+            raise ConfigError("--resume: needs --output-dir, the run to continue")
+
+    def _check_model_and_engines(self) -> None:
+        """The model against the engines, and the backend against the devices each engine gets."""
         if self.backend == "cpu" and self.engine_gpus:
             raise ConfigError("--engine-gpus: must be 0 with --backend cpu (use --backend cuda)")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(
-                f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
         if self.backend != "vllm" and self.tensor_parallel_size != 1:
             raise ConfigError("--tensor-parallel-size: only with --backend vllm")
         if self.model is not None and self.model not in PACKAGED_MODELS:
@@ -275,8 +291,6 @@ class TrainConfig:
                 f"--model: {self.model} ships in the CPU engine only; on GPUs and TPUs import it first "
                 "(./pants run src/engine:import-gguf -- --out DIR) and pass --model-dir DIR"
             )
-        if not self.cpu_kv_cache_gib > 0:
-            raise ConfigError(f"--cpu-kv-cache-gib: must be > 0, got {self.cpu_kv_cache_gib!r}")
         if self.backend == "vllm":
             tpu = self.engine_resources.get("TPU", 0)
             if self.engine_gpus and tpu:
@@ -297,8 +311,6 @@ class TrainConfig:
                 )
         if self.backend == "cuda" and not self.engine_gpus:
             raise ConfigError("--engine-gpus: must be > 0 with --backend cuda (each engine needs a GPU)")
-        if self.resume and not self.output_dir:
-            raise ConfigError("--resume: needs --output-dir, the run to continue")
 
     @property
     def vllm_on_cpu(self) -> bool:
@@ -336,22 +348,29 @@ def _flag(name: str) -> str:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+# Options a resumed run may change (declared on the fields: `_opt(..., resumable=True)`).
+RESUMABLE_OVERRIDES = frozenset(name for name, f in _FIELDS.items() if f.metadata["resumable"])
+
+
+def _is_optional(name: str) -> bool:
+    """True when the field's type admits None (`X | None`)."""
+    return type(None) in typing.get_args(_HINTS[name])
 
 
 def _field_kind(name: str) -> type:
-    """The value type of a field: bool, int, float, str or dict (Optional[...] -> the inner type)."""
-    annotation = _FIELDS[name].type
-    for kind in (bool, int, float, dict):
-        if annotation.startswith(kind.__name__):
-            return kind
-    return str
+    """The value type of a field: bool, int, float, str or dict (`X | None` -> X, `dict[K, V]` -> dict)."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if _is_optional(name):
+        hint = args[0]
+    return typing.get_origin(hint) or hint
 
 
 def _check_value(name: str, value: Any, where: str) -> Any:
     """A file value converted to the field's type, or ConfigError naming `where` and the key."""
     kind = _field_kind(name)
-    optional = "None" in _FIELDS[name].type
-    if value is None and optional:
+    if value is None and _is_optional(name):
         return None
     if kind is bool:
         ok = isinstance(value, bool)
@@ -442,7 +461,7 @@ def build_parser(prog: str = "train", description: str | None = None) -> argpars
         elif kind is dict:
             kwargs.update(action="append", type=_parse_resource, metavar="NAME=AMOUNT")
         else:
-            if "None" in f.type:
+            if _is_optional(f.name):
                 kwargs["type"] = _optional_str if kind is str else kind
             else:
                 kwargs["type"] = kind

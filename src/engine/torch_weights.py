@@ -84,8 +84,8 @@ class TorchWeights:
     def _load_from_master(self, name: str, p: torch.Tensor) -> None:
         """Writes the fp32 master of one parameter into its device tensor (rounded to its dtype), and into
         the device copy in restore_mode "device"."""
-        # Transfer in fp32 and round on the parameter's device: with the page-locked master, 2.5x faster
-        # than rounding on the host first (H100, bench/gpu_check.py: 163 -> 66 ms per perturb + restore).
+        # Transfer in fp32 and round on the parameter's device: with the page-locked master, faster than
+        # rounding on the host first (docs/measurements.md, bench/gpu_check.py).
         p.copy_(self.master[name].to(device=p.device))
         if self.device_copy is not None:
             self.device_copy[name].copy_(p)

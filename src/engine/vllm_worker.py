@@ -20,10 +20,10 @@ without ever leaving the device (vLLM's documented pattern for RL weight updates
 
 Arguments and results are scalars, strings and lists only, and tensors move through files: vLLM's
 engine-core transport (msgpack) decodes a tensor inside a result as a plain list unless insecure
-serialization is turned on (`tests/test_vllm_worker.py` passes every call through it).
+serialization is turned on (`tests/engine_resolve/test_vllm_worker.py` passes every call through it).
 
 Every attribute starts with `es_` / `_es_` so that it cannot collide with the workers' own
-(`tests/test_vllm_contract.py` checks both extensions against the locked vLLM and tpu-inference).
+(`tests/engine_resolve/test_vllm_contract.py` checks both extensions against the locked vLLM and tpu-inference).
 
 On vLLM's CPU platform, importing this module (vLLM does so in the worker process before it loads the
 model) installs `engine.vllm_cpu.use_weight_reading_linear` with the mode in `CPU_LINEAR_ENV`, so that

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import vllm_cpu_model
+from engine_resolve import vllm_cpu_model
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 from vllm.v1.engine import UtilityOutput
