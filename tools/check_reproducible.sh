@@ -21,7 +21,7 @@ if [[ "${1:-}" == "--manifest" ]]; then
 fi
 targets=("$@")
 if [[ -n "${manifest}" ]]; then
-  # The bundle's artifacts (see src/driver/bundle.py, ARTIFACTS).
+  # The bundle's artifacts (see src/release/bundle.py, ARTIFACTS).
   targets=(src/driver:train src/release:prepare-engine src/engine:engine)
 fi
 [[ ${#targets[@]} -gt 0 ]] || targets=(src/driver:train src/engine:engine)
