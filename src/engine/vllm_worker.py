@@ -23,7 +23,8 @@ engine-core transport (msgpack) decodes a tensor inside a result as a plain list
 serialization is turned on (`tests/engine_resolve/test_vllm_worker.py` passes every call through it).
 
 Every attribute starts with `es_` / `_es_` so that it cannot collide with the workers' own
-(`tests/engine_resolve/test_vllm_contract.py` checks both extensions against the locked vLLM and tpu-inference).
+(`tests/engine_resolve/test_vllm_contract.py` checks both extensions against the locked vLLM and
+tpu-inference).
 
 On vLLM's CPU platform, importing this module (vLLM does so in the worker process before it loads the
 model) installs `engine.vllm_cpu.use_weight_reading_linear` with the mode in `CPU_LINEAR_ENV`, so that
