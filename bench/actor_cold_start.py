@@ -1,24 +1,31 @@
 """Actor cold start to first method result: plain Ray workers vs the engine PEX vs runtime_env pip.
 
-    ./pants package src/engine:engine
-    ./pants run bench:actor_cold_start -- [--engine-pex dist/src.engine/engine.pex] [--pip-box 900]
+    ./pants run bench:actor_cold_start -- [--engine-pex P] [--pex-root R] [--skip-cold] [--skip-pip]
 
-Scenarios, each on a fresh local Ray cluster, timed from actor creation to the result of its first call:
-  plain     an actor in the driver's own environment; Ray usually hands it a prestarted idle worker;
-  fresh     the same, but with its own env_vars, so Ray must start a new worker process for it (the
-            fair baseline for any environment that is not the driver's);
-  prepared  an engine actor from the engine PEX after `prepare` extracted it into PEX_ROOT;
-  cold      an engine actor from the engine PEX on an empty PEX_ROOT (includes extraction);
-  pip       the approach this project replaces: runtime_env={"pip": <engine requirements>}, run from a
-            driver in an ordinary virtualenv with ray installed by pip (Ray's pip plugin clones the
-            driver's virtualenv, which a PEX venv does not support), time-boxed.
-Prints a table and the ratios prepared/plain, prepared/fresh and pip/prepared; `--json FILE` also
+Without --engine-pex it finds or builds the engine PEX as `train` does (`./pants package
+src/engine:engine` from the source tree), and checks it with the pool's preflight, so a missing or broken
+PEX gives the preflight's error. Scenarios, each on a fresh local Ray cluster, timed from actor creation
+to the result of its first call:
+  plain         an actor in the driver's own environment; Ray usually hands it a prestarted idle worker;
+  fresh         the same, but with its own env_vars, so Ray must start a new worker process for it (the
+                fair baseline for any environment that is not the driver's);
+  prepared-pex  an engine actor started through the engine PEX (`python3.12 engine.pex`) after the
+                preflight extracted it into PEX_ROOT (how engines started before EngineSpec.venv);
+  prepared      an engine actor as the pool starts it now: from the interpreter of the PEX's venv under
+                PEX_ROOT, with no PEX bootstrap;
+  cold          an engine actor from the engine PEX on an empty PEX_ROOT (includes extraction);
+  pip           the approach this project replaces: runtime_env={"pip": <engine requirements>}, run from
+                a driver in an ordinary virtualenv with ray installed by pip (Ray's pip plugin clones the
+                driver's virtualenv, which a PEX venv does not support), time-boxed.
+Each figure is printed as it is measured; a scenario that fails is reported as failed and the others
+still run. Then the ratios (prepared/fresh, prepared-pex/fresh, pip/prepared, ...); `--json FILE` also
 writes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +37,8 @@ from pathlib import Path
 
 import ray
 
-from driver.engine_pool import EnginePool, EngineSpec, default_engine_pex, default_python, prepare
+from driver.engine_build import EngineBuildError, resolve_engine_pex
+from driver.engine_pool import EnginePool, EnginePreflightError, EngineSpec, default_python, preflight
 
 ENGINE_REQUIREMENTS = Path("3rdparty/python/engine-requirements.txt")
 
@@ -126,12 +134,28 @@ def time_pip(requirements: list[str], box_s: float, python: str, workdir: Path) 
     )
 
 
+def _measure(name: str, run, results: dict[str, float | None], failed: dict[str, str]) -> None:
+    """Runs one scenario, prints its figure at once, and records it (or why it failed)."""
+    try:
+        results[name] = run()
+    except Exception as e:  # a failed scenario is reported; the others still run
+        failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"{name:<13} FAILED: {failed[name]}", flush=True)
+        return
+    seconds = results[name]
+    shown = f"{seconds:10.2f} s" if seconds is not None else "   over the time box"
+    print(f"{name:<13} {shown}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine-pex", default=str(default_engine_pex()))
+    parser.add_argument("--engine-pex", help="default: build or find it as train does")
+    parser.add_argument("--no-build-engine", action="store_true", help="never run ./pants package")
     parser.add_argument("--engine-python", default=default_python())
-    parser.add_argument("--repeats", type=int, default=3, help="runs of plain and prepared (median)")
+    parser.add_argument("--pex-root", help="PEX_ROOT of the prepared scenarios (default: a temporary one)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each warm scenario (median)")
     parser.add_argument("--pip-box", type=float, default=900.0, help="seconds allowed for the pip scenario")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the empty-PEX_ROOT scenario")
     parser.add_argument("--skip-pip", action="store_true")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -142,40 +166,74 @@ def main(argv: list[str] | None = None) -> int:
         if line.strip() and not line.startswith("#")
     ]
     results: dict[str, float | None] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-pex-root-") as tmp:
-        warm = EngineSpec(
-            pex=args.engine_pex, python=args.engine_python, pex_root=f"{tmp}/warm", startup_timeout_s=600
+        try:
+            pex = resolve_engine_pex(args.engine_pex, build=not args.no_build_engine)
+            through_pex = EngineSpec(
+                pex=pex,
+                python=args.engine_python,
+                pex_root=args.pex_root or f"{tmp}/warm",
+                startup_timeout_s=600,
+            )
+            report = preflight(through_pex, timeout_s=1800)
+        except (EngineBuildError, EnginePreflightError) as e:
+            print(f"actor_cold_start: {e}", file=sys.stderr)
+            return 1
+        direct = dataclasses.replace(through_pex, venv=report["venv"])
+        print(f"engine PEX {pex}; venv {report['prefix']}", flush=True)
+        print(f"{'scenario':<13} {'seconds':>12}", flush=True)
+        _measure(
+            "plain", lambda: statistics.median(time_plain() for _ in range(args.repeats)), results, failed
         )
-        prepare(warm)
-        results["plain"] = statistics.median(time_plain() for _ in range(args.repeats))
-        results["fresh"] = statistics.median(time_fresh(i) for i in range(args.repeats))
-        results["prepared"] = statistics.median(time_engine(warm) for _ in range(args.repeats))
-        cold = EngineSpec(
-            pex=args.engine_pex, python=args.engine_python, pex_root=f"{tmp}/cold", startup_timeout_s=1800
+        _measure(
+            "fresh", lambda: statistics.median(time_fresh(i) for i in range(args.repeats)), results, failed
         )
-        results["cold"] = time_engine(cold)
+        _measure(
+            "prepared-pex",
+            lambda: statistics.median(time_engine(through_pex) for _ in range(args.repeats)),
+            results,
+            failed,
+        )
+        _measure(
+            "prepared",
+            lambda: statistics.median(time_engine(direct) for _ in range(args.repeats)),
+            results,
+            failed,
+        )
+        if not args.skip_cold:
+            cold = EngineSpec(
+                pex=pex, python=args.engine_python, pex_root=f"{tmp}/cold", startup_timeout_s=1800
+            )
+            _measure("cold", lambda: time_engine(cold), results, failed)
     ray.shutdown()
     if not args.skip_pip:
         with tempfile.TemporaryDirectory(prefix="bench-pip-") as tmp:
-            results["pip"] = time_pip(requirements, args.pip_box, args.engine_python, Path(tmp))
+            _measure(
+                "pip",
+                lambda: time_pip(requirements, args.pip_box, args.engine_python, Path(tmp)),
+                results,
+                failed,
+            )
 
-    print(f"{'scenario':<10} {'seconds':>10}")
-    for name, seconds in results.items():
-        shown = f"{seconds:10.2f}" if seconds is not None else f"> {args.pip_box:.0f} (time box)"
-        print(f"{name:<10} {shown}")
-    ratios = {
-        "prepared/plain": results["prepared"] / results["plain"],
-        "prepared/fresh": results["prepared"] / results["fresh"],
-    }
-    if results.get("pip") is not None:
-        ratios["pip/prepared"] = results["pip"] / results["prepared"]
-    elif "pip" in results:
+    ratios = {}
+    for a, b in (
+        ("prepared", "fresh"),
+        ("prepared-pex", "fresh"),
+        ("prepared", "plain"),
+        ("pip", "prepared"),
+    ):
+        if results.get(a) is not None and results.get(b):
+            ratios[f"{a}/{b}"] = results[a] / results[b]
+    if "pip" in results and results["pip"] is None and results.get("prepared"):
         ratios["pip/prepared (lower bound)"] = args.pip_box / results["prepared"]
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"seconds": results, "ratios": ratios}, indent=2) + "\n")
-    return 0
+        Path(args.json).write_text(
+            json.dumps({"seconds": results, "ratios": ratios, "failed": failed}, indent=2) + "\n"
+        )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ tests:entry-point-engine); one PEX with a different Ray version is made here wit
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,15 @@ from pathlib import Path
 import pytest
 import ray
 
-from driver.engine_pool import EnginePool, EnginePreflightError, EngineSpec, EngineStartError, prepare
+from driver.engine_pool import (
+    EnginePool,
+    EnginePreflightError,
+    EngineSpec,
+    EngineStartError,
+    preflight,
+    prepare,
+    venv_of,
+)
 
 TOY_PEX = Path("tests/toy-engine.pex")
 ENTRY_POINT_PEX = Path("tests/entry-point-engine.pex")
@@ -147,6 +157,36 @@ def test_pre_extraction_makes_the_actor_start_skip_extraction(ray_cluster, tmp_p
         assert _tree(tmp_path / "pex_root") == before  # nothing was extracted or installed
     finally:
         pool.shutdown()
+
+
+def test_a_preflighted_pool_starts_workers_from_the_venv_and_falls_back_to_the_pex(ray_cluster, tmp_path):
+    """After the preflight, workers start from the PEX's venv interpreter (no PEX bootstrap per worker);
+    where that venv is gone (a node that lacks it), they start through the PEX, which extracts it again."""
+    pool = EnginePool.start(spec(tmp_path, num_engines=1))
+    try:
+        venv = tmp_path / "pex_root" / pool.spec.venv
+        assert pool.spec.venv.startswith("venvs/") and (venv / "bin" / "python").exists()
+        (where,) = pool.call("where")
+        assert where["pex"] is None and Path(where["prefix"]) == venv
+    finally:
+        pool.shutdown()
+    shutil.rmtree(venv)
+    pool = EnginePool.start(pool.spec, check=False)
+    try:
+        (where,) = pool.call("where")
+        assert where["pex"] == str(TOY_PEX.absolute()) and Path(where["prefix"]) == venv
+    finally:
+        pool.shutdown()
+
+
+def test_a_venv_of_another_pex_is_not_used(ray_cluster, tmp_path):
+    """The preflight only takes a venv whose PEX-INFO has this PEX's hash."""
+    prepared = spec(tmp_path, num_engines=1)
+    report = preflight(prepared)
+    venv = tmp_path / "pex_root" / report["venv"]
+    info = json.loads((venv / "PEX-INFO").read_text())
+    (venv / "PEX-INFO").write_text(json.dumps({**info, "pex_hash": "0" * 40}))
+    assert venv_of(prepared, report) is None
 
 
 def test_without_pre_extraction_the_actor_start_extracts(ray_cluster, tmp_path):

@@ -18,4 +18,6 @@ class ToyEngine:
             "executable": sys.executable,
             "prefix": sys.prefix,
             "tpu_visible_chips": os.environ.get("TPU_VISIBLE_CHIPS"),
+            # Set by the PEX bootstrap; absent when the worker started from the venv's interpreter.
+            "pex": os.environ.get("PEX"),
         }

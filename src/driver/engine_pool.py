@@ -16,6 +16,7 @@ This module therefore
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -94,6 +95,11 @@ class EngineSpec:
         cold_start_allowance_s: extra seconds allowed when the PEX may still need extracting into
             PEX_ROOT on some node (a multi-GB engine PEX takes minutes on an empty PEX_ROOT); 0 when
             every node was prepared with `prepare`.
+        venv: the PEX's venv relative to PEX_ROOT (`venvs/1/<pex_hash>/<interpreter>`), as `preflight`
+            found and verified it; None to always start through the PEX. Where a node has it, workers
+            start from the venv's interpreter directly, so no PEX bootstrap runs per worker; where it
+            does not, they start through the PEX, which extracts it. The path holds the PEX's hash, so a
+            venv of another PEX is never used.
     """
 
     pex: Path
@@ -106,6 +112,7 @@ class EngineSpec:
     target: str = DEFAULT_ENGINE_TARGET
     startup_timeout_s: float = 45.0
     cold_start_allowance_s: float = 0.0
+    venv: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pex", Path(self.pex).absolute())
@@ -120,9 +127,32 @@ class EngineSpec:
         return self.startup_timeout_s + self.cold_start_allowance_s
 
     def py_executable(self) -> str:
-        """The command Ray execs as the worker's interpreter (bash expands `$VARS` on the node)."""
+        """The command Ray execs as the worker's interpreter (bash expands `$VARS` on the node): the
+        venv's interpreter if `venv` is set and exists on the node, else `python engine.pex`."""
         unset = " ".join(f"-u {name}" for name in PEX_RUNTIME_VARS)
-        return f"env {unset} PEX_ROOT={_dq(self.pex_root)} {_dq(self.python)} {_dq(str(self.pex))}"
+        run = f"env {unset} PEX_ROOT={_dq(self.pex_root)}"
+        through_pex = f"{_dq(self.python)} {_dq(str(self.pex))}"
+        if self.venv is None:
+            return f"{run} {through_pex}"
+        venv_python = _dq(f"{self.pex_root}/{self.venv}/bin/python")
+        return f"{run} /bin/sh -c '{_VENV_OR_PEX}' {_dq(self.python)} {venv_python} {_dq(str(self.pex))}"
+
+
+# Run by /bin/sh with $0 = python, $1 = the venv's interpreter, $2 = the PEX, then Ray's worker arguments.
+_VENV_OR_PEX = 'if [ -x "$1" ]; then v="$1"; shift 2; exec "$v" "$@"; fi; shift; exec "$0" "$@"'
+
+
+def venv_of(spec: EngineSpec, report: dict[str, Any]) -> str | None:
+    """The venv `inspect_pex` reported (`report["prefix"]`), relative to the spec's PEX_ROOT, if it is
+    this PEX's venv there (its PEX-INFO has the PEX's pex_hash); else None."""
+    prefix, root = Path(report["prefix"]), Path(os.path.expandvars(spec.pex_root)).absolute()
+    try:
+        venv_info = json.loads((prefix / "PEX-INFO").read_text())
+        relative = prefix.relative_to(root)
+    except (OSError, ValueError):
+        return None
+    same = venv_info.get("pex_hash") and venv_info.get("pex_hash") == read_pex_info(spec.pex).get("pex_hash")
+    return str(relative) if same and (prefix / "bin" / "python").exists() else None
 
 
 def _dq(value: str) -> str:
@@ -214,7 +244,8 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
 
     Checks: the PEX exists and has a PEX-INFO; it has no entry point (Ray passes its worker arguments to
     an entry point); the interpreter runs it; Ray inside equals the driver's Ray; the Python minor inside
-    equals the driver's; `shared.engine_host` imports inside.
+    equals the driver's; `shared.engine_host` imports inside. The report's "venv" is the PEX's venv on
+    this node (`venv_of`), for `EngineSpec.venv`.
 
     Raises:
         EnginePreflightError: naming what is wrong and how to fix it.
@@ -251,6 +282,7 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
             f"engine PEX {spec.pex} lacks the shared engine host ({report.get('engine_host_error')}); "
             "build it from src/engine:engine, which includes src/shared"
         )
+    report["venv"] = venv_of(spec, report)
     return report
 
 
@@ -365,7 +397,7 @@ class EnginePool:
                 logs about the failed worker starts included). No actor is left running.
         """
         if check:
-            preflight(spec)
+            spec = dataclasses.replace(spec, venv=preflight(spec)["venv"])
         pool = cls(spec, [], [], tuple(report_packages))
         pool.handles, pool.reports = pool._create(list(range(spec.num_engines)))
         return pool

@@ -11,6 +11,7 @@ Ctrl-C (the work done so far is checkpointed; continue it with --resume --output
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -53,7 +54,8 @@ def engine_spec(config: TrainConfig, pex: Path) -> EngineSpec:
 
 
 def prepare_engines(config: TrainConfig) -> EngineSpec:
-    """Finds or builds the engine PEX and checks and extracts it on this node (`engine_pool.preflight`).
+    """Finds or builds the engine PEX, checks and extracts it on this node (`engine_pool.preflight`), and
+    returns the run's EngineSpec with the PEX's venv, from whose interpreter engine workers start.
 
     Raises:
         EngineBuildError, EnginePreflightError.
@@ -64,7 +66,7 @@ def prepare_engines(config: TrainConfig) -> EngineSpec:
     started = time.monotonic()
     report = preflight(spec, timeout_s=EXTRACT_TIMEOUT_S)
     print(f"engine environment ready in {time.monotonic() - started:.1f} s: {report['prefix']}")
-    return spec
+    return dataclasses.replace(spec, venv=report["venv"])
 
 
 def init_ray(address: str | None) -> bool:
