@@ -22,8 +22,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 # The reference prompt, character for character (see the `context` field of the reference split).
 PROMPT_TEMPLATE = (
     "You are a helpful assistant. You first think about the reasoning process in your mind and then "
@@ -79,6 +77,8 @@ class CountdownReward:
 
 def render_numbers(numbers: Sequence[int]) -> str:
     """Renders numbers as the reference does: numpy's str of an integer array, e.g. "[41 36  8  4]"."""
+    import numpy as np  # imported when a prompt is made, not when an engine actor starts
+
     return str(np.array(list(numbers), dtype=np.int64))
 
 
