@@ -90,8 +90,10 @@ _PIP_DRIVER = """
 import json, os, sys, time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray
-requirements, box = json.loads(sys.argv[1]), float(sys.argv[2])
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+requirements, box, temp_dir = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+# Ray's session directory holds the pip environment it builds (~11 GB for the engine requirements):
+# keep it inside the benchmark's temporary directory, which is removed afterwards.
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
 
 @ray.remote(num_cpus=0)
 class Probe:
@@ -121,7 +123,14 @@ def time_pip(requirements: list[str], box_s: float, python: str, workdir: Path) 
         [str(venv / "bin" / "pip"), "install", "-q", f"ray[default]=={ray.__version__}"], check=True
     )
     proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", _PIP_DRIVER, json.dumps(requirements), str(box_s)],
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            _PIP_DRIVER,
+            json.dumps(requirements),
+            str(box_s),
+            str(workdir / "ray"),
+        ],
         capture_output=True,
         text=True,
         timeout=box_s + 300,

@@ -89,6 +89,9 @@ def test_resources_the_cluster_lacks_fail_at_once_instead_of_pending(
 def test_missing_pex_is_a_preflight_error(ray_cluster, tmp_path):
     with pytest.raises(EnginePreflightError, match=r"engine PEX not found: .*nowhere\.pex.*./pants package"):
         EnginePool.start(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
+    # Pre-extraction (prepare-engine, the benchmarks) gives the same error, not a failed interpreter run.
+    with pytest.raises(EnginePreflightError, match=r"engine PEX not found: .*nowhere\.pex"):
+        prepare(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
 
 
 def test_directory_that_is_not_a_pex_is_a_preflight_error(ray_cluster, tmp_path):
@@ -190,7 +193,8 @@ def test_a_venv_of_another_pex_is_not_used(ray_cluster, tmp_path):
 
 
 def test_without_pre_extraction_the_actor_start_extracts(ray_cluster, tmp_path):
-    cold = spec(tmp_path, num_engines=1)
+    # A cold start extracts the PEX first: the pool allows for it (cold_start_allowance_s), as runs do.
+    cold = spec(tmp_path, num_engines=1, cold_start_allowance_s=120)
     assert not (tmp_path / "pex_root").exists()
     pool = EnginePool.start(cold, check=False)
     try:

@@ -287,14 +287,15 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
 
 
 def prepare(spec: EngineSpec, timeout_s: float = 1800.0) -> str:
-    """Pre-extracts the engine PEX into its venv under PEX_ROOT on this node. Returns the venv prefix.
+    """Pre-extracts the engine PEX into its venv under PEX_ROOT on this node, with every `preflight`
+    check (so a missing or broken PEX gives the preflight's error). Returns the venv prefix.
 
     Later actor starts with the same PEX, interpreter and PEX_ROOT find the venv and skip extraction.
 
     Raises:
-        EnginePreflightError: as `inspect_pex`.
+        EnginePreflightError: as `preflight`.
     """
-    return inspect_pex(spec, timeout_s)["prefix"]
+    return preflight(spec, timeout_s)["prefix"]
 
 
 def _tail(text: str, lines: int = 20) -> str:
