@@ -4,14 +4,12 @@ while the driver process does not."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import ray
-from engine_pex_root import ENGINE_PEX_ROOT
+from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 
 from driver.engine_pool import EnginePool, EngineSpec
 
@@ -58,15 +56,7 @@ def test_two_engines_start_from_the_engine_pex(ray_cluster):
 
 
 def test_doctor_passes_inside_the_engine_pex():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
-    env |= {"PEX_ROOT": PEX_ROOT, "PEX_MODULE": "engine.doctor"}
-    proc = subprocess.run(
-        [sys.executable, str(ENGINE_PEX), "--driver-ray", ray.__version__],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = run_engine_pex(ENGINE_PEX, ["--driver-ray", ray.__version__], 600, PEX_MODULE="engine.doctor")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for line in (

@@ -22,6 +22,7 @@ from driver.engine_pool import (
     EngineStartError,
     preflight,
     prepare,
+    read_pex_info,
     venv_of,
 )
 
@@ -189,7 +190,7 @@ def test_a_venv_of_another_pex_is_not_used(ray_cluster, tmp_path):
     venv = tmp_path / "pex_root" / report["venv"]
     info = json.loads((venv / "PEX-INFO").read_text())
     (venv / "PEX-INFO").write_text(json.dumps({**info, "pex_hash": "0" * 40}))
-    assert venv_of(prepared, report) is None
+    assert venv_of(prepared, report, read_pex_info(prepared.pex)["pex_hash"]) is None
 
 
 def test_without_pre_extraction_the_actor_start_extracts(ray_cluster, tmp_path):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_pex_root import pex_env
 from release import bundle as bundle_mod
 from release import host_install, ship
 
@@ -83,7 +84,7 @@ def test_ship_to_two_hosts_installs_verified_and_prepared(built, tmp_path, capfd
     assert "ray_head: PEX_SCRIPT=ray" in out
     assert f"--pex-root {PEX_ROOT}" in out and "~" not in out
     # The shipped driver PEX runs on the host's interpreter.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")} | {"PEX_ROOT": PEX_ROOT}
+    env = pex_env(PEX_ROOT)
     train_pex = str(hosts[0] / "current" / "train.pex")
     proc = subprocess.run([sys.executable, train_pex, "--help"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr

