@@ -1,20 +1,32 @@
 """`train` end to end: a real local Ray cluster, engines from the real engine PEX (built by Pants), the
-tiny model. One uninterrupted run is the reference; a run stopped by Ctrl-C and resumed, and a run
-whose engine process is killed mid-iteration, must both end with its weights and metrics exactly."""
+tiny model. One uninterrupted run is the reference; runs stopped by Ctrl-C or SIGTERM and resumed (from
+compact checkpoints, by replay), and runs whose engines are killed or diverge mid-iteration, must all end
+with its weights and metrics exactly. A checkpoint that cannot be written stops the run and loses nothing
+already checkpointed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import ray
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
-from train_scenarios import assert_same_metrics, ctrl_c_then_resume, killed_engine_restarts
+from train_scenarios import (
+    assert_same_metrics,
+    checkpoint_kinds,
+    ctrl_c_then_resume,
+    killed_engine_restarts,
+    sigterm_then_resume,
+    train_iterations,
+)
 
-from driver import train
+import driver.trainer
+from driver import evaluate, train
 from shared.run_layout import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine.pex")
@@ -72,12 +84,19 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
     for engine in session["engines"]:
         assert engine["packages"]["vllm-tpu"] == "0.32.0"
         assert engine["modules"]["torch"].startswith("2.")
+        # What decides bit-identity across machines is recorded.
+        machine = engine["machine"]
+        assert machine["torch"]["cpu_capability"] and machine["torch"]["threads"] >= 1
+        assert machine["cpu"]["model"] and machine["device"] == "cpu"
 
+    # After 2 updates a compact checkpoint (ES state only), at the end a full one.
+    assert checkpoint_kinds(out) == {"iter-000002": "compact", "iter-000004": "full"}
+    assert not (out / "checkpoints" / "iter-000002" / "model").exists()
     checkpoint = out / "checkpoints" / f"iter-{ITERATIONS:06d}"
     state = json.loads((checkpoint / "es_state.json").read_text())
     assert state["updates"] == ITERATIONS
     assert state["fingerprint"] == train_rows[-1]["fingerprint"]
-    assert (out / "checkpoints" / "iter-000002" / "model" / "model.safetensors").exists()
+    assert state["noise"] == {"version": 1, "device": "cpu"}
     # The checkpoint is a Hugging Face model directory holding exactly the trained weights.
     fingerprint = engine_python_code(
         "from transformers import AutoModelForCausalLM\n"
@@ -91,6 +110,62 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):
     ctrl_c_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
+
+
+def test_sigterm_finishes_the_iteration_and_resume_reproduces_the_run(reference_run, tmp_path, capsys):
+    sigterm_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
+
+
+def test_a_compact_checkpoint_replays_to_the_weights_the_run_had(reference_run, capsys):
+    """`evaluate` restores the compact checkpoint after 2 updates by replaying them onto the base model:
+    the weights are bit-identical to the run's after 2 updates, and the accuracy to the run's eval row."""
+    checkpoint = reference_run / "checkpoints" / "iter-000002"
+    common = ["--engine-pex", str(ENGINE_PEX), "--no-build-engine", "--engine-python", sys.executable]
+    assert evaluate.main([str(checkpoint), *common, "--pex-root", PEX_ROOT, "--no-progress"]) == 0
+    rows = read_jsonl(reference_run / "metrics.jsonl")
+    after_2 = next(r for r in rows if r["kind"] == "train" and r["iteration"] == 1)
+    assert f"(weights {after_2['fingerprint'][:16]})" in capsys.readouterr().out
+    result = json.loads((checkpoint / "eval.json").read_text())
+    assert result["fingerprint"] == after_2["fingerprint"]
+    eval_2 = next(r for r in rows if r["kind"] == "eval" and r["updates"] == 2)
+    assert result["accuracy"] == eval_2["accuracy"]
+
+
+def test_evaluate_with_no_held_out_problems_is_a_clear_error(reference_run, capsys):
+    status = evaluate.main([str(reference_run / "base-model"), "--eval-size", "0"])
+    assert status == train.EXIT_INVALID
+    assert "--eval-size: 0 leaves no held-out problems to evaluate" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_loses_nothing(
+    reference_run, tmp_path, capsys, monkeypatch
+):
+    """The disk fills while the checkpoint after 2 updates is written: the run stops with exit 1 and an
+    error naming the checkpoint; nothing of it is left, the checkpoint after 1 update is intact, and
+    `--resume` from it ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    args = [*COMMON, "--model-dir", str(reference_run / "base-model"), "--iterations", str(ITERATIONS)]
+    args += ["--output-dir", str(out), "--checkpoint-every", "1"]
+    real_write = driver.trainer.write_json_atomic
+
+    def disk_full(path, data, sort_keys=True):
+        if path.name == "es_state.json" and ".iter-000002." in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_write(path, data, sort_keys=sort_keys)
+
+    def fill_the_disk_in_iteration_1(trainer, iteration, member, engine):
+        if iteration == 1:
+            monkeypatch.setattr(driver.trainer, "write_json_atomic", disk_full)
+
+    assert train.main(args, on_member_done=fill_the_disk_in_iteration_1) == train.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"cannot write the checkpoint {out / 'checkpoints' / 'iter-000002'}" in err
+    assert "No space left on device" in err and "iter-000001" in err
+    assert checkpoint_kinds(out) == {"iter-000001": "compact"}
+    monkeypatch.setattr(driver.trainer, "write_json_atomic", real_write)
+    assert train.main([*args, "--resume"]) == train.EXIT_OK
+    assert train_iterations(out) == list(range(ITERATIONS))
+    assert_same_metrics(out, reference_run)
 
 
 def test_a_killed_engine_is_restarted_and_the_result_is_unchanged(reference_run, tmp_path, capsys):

@@ -23,8 +23,22 @@ def assert_same_metrics(run: Path, reference: Path) -> None:
     assert without_timings(read_jsonl(run / "metrics.jsonl")) == expected
 
 
+def checkpoint_kinds(out: Path) -> dict[str, str]:
+    """Checkpoint directory name -> its es_state.json "kind", for every entry under checkpoints/ (a
+    leftover temporary directory would show as a name without es_state.json and fail the read)."""
+    return {
+        p.name: json.loads((p / "es_state.json").read_text())["kind"]
+        for p in sorted((out / "checkpoints").iterdir())
+    }
+
+
+def train_iterations(out: Path) -> list[int]:
+    return [r["iteration"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
 def ctrl_c_then_resume(common: list[str], reference: Path, iterations: int, out: Path, capsys) -> None:
-    """Ctrl-C in iteration 2 checkpoints after 2 updates and exits 130; `--resume` finishes the run."""
+    """Ctrl-C in iteration 2 with --stop-deadline 0 drops that iteration and exits 130, keeping the
+    checkpoint after 2 updates (compact); `--resume` replays it and finishes the run."""
     args = [*common, "--model-dir", str(reference / "base-model"), "--iterations", str(iterations)]
     args += ["--output-dir", str(out)]
 
@@ -32,13 +46,36 @@ def ctrl_c_then_resume(common: list[str], reference: Path, iterations: int, out:
         if iteration == 2 and member == 0:
             os.kill(os.getpid(), signal.SIGINT)
 
-    assert train.main(args, on_member_done=ctrl_c_in_iteration_2) == train.EXIT_STOPPED
+    status = train.main([*args, "--stop-deadline", "0"], on_member_done=ctrl_c_in_iteration_2)
+    assert status == train.EXIT_STOPPED
     assert "continue with: ./pants run src/driver:train -- --resume" in capsys.readouterr().out
-    assert [r.get("iteration") for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"] == [0, 1]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000002"]
+    assert train_iterations(out) == [0, 1]
+    assert checkpoint_kinds(out) == {"iter-000002": "compact"}
     assert train.main([*args, "--resume"]) == train.EXIT_OK
+    assert "replaying 2 updates onto" in capsys.readouterr().out
     assert_same_metrics(out, reference)
     assert len(json.loads((out / "manifest.json").read_text())["sessions"]) == 2
+
+
+def sigterm_then_resume(common: list[str], reference: Path, iterations: int, out: Path, capsys) -> None:
+    """SIGTERM (a spot VM's preemption notice) in iteration 2: the iteration fits in the default stop
+    deadline, so it is finished, a compact checkpoint after 3 updates is written and the exit status is
+    143; `--resume` replays the 3 updates onto the base model and ends exactly as the uninterrupted run
+    (every iteration's fingerprint equal)."""
+    args = [*common, "--model-dir", str(reference / "base-model"), "--iterations", str(iterations)]
+    args += ["--output-dir", str(out)]
+
+    def sigterm_in_iteration_2(trainer, iteration, member, engine):
+        if iteration == 2 and member == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train.main(args, on_member_done=sigterm_in_iteration_2) == train.EXIT_TERMINATED
+    assert "SIGTERM: stopping" in capsys.readouterr().out
+    assert train_iterations(out) == [0, 1, 2]
+    assert checkpoint_kinds(out) == {"iter-000002": "compact", "iter-000003": "compact"}
+    assert train.main([*args, "--resume"]) == train.EXIT_OK
+    assert "replaying 3 updates onto" in capsys.readouterr().out
+    assert_same_metrics(out, reference)
 
 
 def killed_engine_restarts(common: list[str], reference: Path, iterations: int, out: Path, capsys) -> None:

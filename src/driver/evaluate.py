@@ -1,11 +1,13 @@
 """`./pants run src/driver:evaluate -- CHECKPOINT [options]`: greedy held-out accuracy of a saved model.
 
-CHECKPOINT is a checkpoint directory of a run (OUTPUT_DIR/checkpoints/iter-NNNNNN) or any Hugging Face
-model directory. For a checkpoint, the run's config.json supplies the dataset, the held-out split and the
+CHECKPOINT is a checkpoint directory of a run (OUTPUT_DIR/checkpoints/iter-NNNNNN; a compact one is
+restored by replaying its updates, see driver.checkpointing) or any Hugging Face model directory. For a
+checkpoint, the run's config.json supplies the dataset, the held-out split and the
 generation settings, so the figure is comparable with the run's own eval rows; the options (the same as
 `train`'s) override them. The result is printed and, for a checkpoint, written to CHECKPOINT/eval.json.
 
-Exit status: 0 evaluated, 1 failed (engines, Ray), 2 invalid configuration, data or checkpoint.
+Exit status: 0 evaluated, 1 failed (engines, Ray), 2 invalid configuration, data or checkpoint (also: a
+checkpoint that cannot be replayed here, an empty held-out split).
 """
 
 from __future__ import annotations
@@ -14,30 +16,54 @@ import json
 import sys
 from pathlib import Path
 
+from driver.checkpointing import Anchor, CheckpointError, Restore, restore_plan
 from driver.countdown_data import CountdownDataError
 from driver.engine_build import EngineBuildError
 from driver.engine_pool import EnginePreflightError, EngineStartError
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, prepare_engines
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer, load_problems
-from shared.run_layout import ES_STATE, MODEL, checkpoint_files, checkpoint_run, write_json_atomic
+from shared.run_layout import (
+    CHECKPOINT_PATTERN,
+    ES_STATE,
+    FULL,
+    MODEL,
+    RunDir,
+    RunDirError,
+    checkpoint_files,
+    checkpoint_run,
+    write_json_atomic,
+)
 
 
-def locate(path: Path) -> tuple[Path, Path | None, dict | None]:
-    """(model dir, fp32 master or None, the run's saved config or None) of a checkpoint or model dir.
+def locate(path: Path) -> tuple[Restore | None, RunDir | None, dict | None]:
+    """What CHECKPOINT is: (how to restore a full checkpoint or model directory, or None for a compact
+    checkpoint (restored with `restore_plan` once the device type is known); the run it belongs to or None;
+    the run's saved config or None).
 
     Raises:
-        ConfigError: `path` is neither a checkpoint nor a model directory.
+        ConfigError: `path` is neither a checkpoint nor a model directory, or a compact checkpoint
+            outside its run directory.
     """
     files = checkpoint_files(path)
     if files.is_checkpoint():
         run = checkpoint_run(path)
         saved = json.loads(run.config.read_text()) if run is not None else None
-        return files.model, files.master if files.master.is_file() else None, saved
+        state = json.loads(files.es_state.read_text())
+        if state.get("kind", FULL) == FULL:
+            master = str(files.master) if files.master.is_file() else None
+            return Restore(Anchor(0, str(files.model), master), [], state["fingerprint"]), run, saved
+        if run is None:
+            raise ConfigError(
+                f"CHECKPOINT: {path} is a compact checkpoint; it replays onto checkpoints of its run "
+                "directory, so evaluate it where the run wrote it"
+            )
+        return None, run, saved
     if (path / "config.json").is_file():  # a Hugging Face model directory
-        return path, None, None
+        return Restore(Anchor(0, str(path)), [], None), None, None
     raise ConfigError(
-        f"CHECKPOINT: {path} is neither a checkpoint ({MODEL}/ + {ES_STATE}) nor a model directory"
+        f"CHECKPOINT: {path} is neither a checkpoint ({ES_STATE}, with {MODEL}/ when full) nor a model "
+        "directory"
     )
 
 
@@ -49,14 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint.absolute()
     del args.checkpoint
     try:
-        model_dir, master, saved = locate(checkpoint)
+        restore, run, saved = locate(checkpoint)
         given_config, given = config_from_args(args)
         values = dict(saved or {})
         values.update({name: getattr(given_config, name) for name in given})
-        values.update(model_dir=str(model_dir), resume=False, output_dir=str(checkpoint))
+        model_dir = restore.anchor.model_dir if restore else (saved or {}).get("model_dir")
+        values.update(model_dir=model_dir or str(run.base_model), resume=False, output_dir=str(checkpoint))
         config = TrainConfig(**values)
+        if restore is None:
+            updates = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+            restore = restore_plan(run, updates, run.read_checkpoint_state(checkpoint), config.device_type)
         problems = load_problems(config)
-    except (ConfigError, CountdownDataError, OSError, json.JSONDecodeError) as e:
+        if not problems.eval:
+            raise ConfigError(
+                f"--eval-size: {config.eval_size} leaves no held-out problems to evaluate; pass "
+                "--eval-size N with N > 0"
+            )
+    except (ConfigError, CountdownDataError, CheckpointError, RunDirError, OSError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_INVALID
     try:
@@ -68,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started_ray = init_ray(config.address)
     try:
-        result = Trainer(config, spec, problems).evaluate_model(
-            str(model_dir), str(master) if master else None
-        )
-    except (EngineStartError, EngineSyncError) as e:
+        result = Trainer(config, spec, problems).evaluate_model(restore, str(checkpoint))
+    except (EngineStartError, EngineSyncError, CheckpointError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_FAILED
     finally:

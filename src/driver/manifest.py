@@ -1,8 +1,10 @@
 """The run manifest: what exactly ran, so that a result can be traced to code, lockfiles and binaries.
 
 One session entry per start (a resumed run adds one): the git revision (and whether the tree was dirty),
-sha256 of the lockfiles found under 3rdparty/python/, the engine PEX's identity, and the Python, Ray and
-package versions seen in the driver and inside every engine actor.
+sha256 of the lockfiles found under 3rdparty/python/, the engine PEX's identity, the Python, Ray and
+package versions seen in the driver and inside every engine actor, and what every engine computes on
+(CPU model and instruction-set flags, torch's CPU kernel capability, thread counts, device), which decides
+whether two runs can be bit-identical.
 """
 
 from __future__ import annotations
@@ -74,10 +76,15 @@ def engine_pex_identity(pex: Path) -> dict[str, Any]:
 
 
 def session_entry(
-    argv: list[str], pex: Path, engine_reports: list[dict[str, Any]], engine_modules: list[dict[str, Any]]
+    argv: list[str],
+    pex: Path,
+    engine_reports: list[dict[str, Any]],
+    engine_modules: list[dict[str, Any]],
+    engine_machines: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """One session of the manifest (see the module docstring). `engine_reports` are the pool's
-    readiness reports, `engine_modules` each engine's `module_versions()`."""
+    readiness reports, `engine_modules` each engine's `module_versions()`, `engine_machines` each
+    engine's `LoadResult.machine` (CPU model and flags, torch's CPU kernels and threads, device)."""
     cwd = Path.cwd()
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -101,7 +108,8 @@ def session_entry(
                 "ray": report.get("ray"),
                 "packages": report.get("packages"),
                 "modules": modules,
+                "machine": machine,
             }
-            for report, modules in zip(engine_reports, engine_modules, strict=True)
+            for report, modules, machine in zip(engine_reports, engine_modules, engine_machines, strict=True)
         ],
     }

@@ -5,18 +5,22 @@ it builds the engine PEX (when run from the source tree), starts a local Ray clu
 from the engine PEX, and writes metrics, samples and checkpoints under runs/<UTC time>/. `--help` lists
 every option with its default and unit; `--config FILE` reads them from TOML or YAML.
 
-Exit status: 0 completed, 1 failed (engines, Ray, I/O), 2 invalid configuration or data, 130 stopped by
-Ctrl-C (the work done so far is checkpointed; continue it with --resume --output-dir DIR).
+Exit status: 0 completed, 1 failed (engines, Ray, a checkpoint that cannot be written), 2 invalid
+configuration or data, 128 + the signal's number when stopped: 130 by Ctrl-C (SIGINT), 143 by SIGTERM (a
+spot VM's preemption notice). A stop keeps the work of every finished iteration in a checkpoint; continue
+it with --resume --output-dir DIR.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
+from driver.checkpointing import CheckpointError
 from driver.countdown_data import CountdownDataError
 from driver.engine_build import EngineBuildError, resolve_engine_pex
 from driver.engine_pool import (
@@ -31,7 +35,8 @@ from driver.train_config import ConfigError, TrainConfig, build_parser, config_f
 from driver.trainer import EngineSyncError, Trainer, load_problems, open_run
 from shared.run_layout import RunDir, RunDirError
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_STOPPED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 # Seconds allowed to extract the engine PEX into PEX_ROOT on this node before the engines start.
 EXTRACT_TIMEOUT_S = 1800.0
 # Extra start-up seconds for engines on other nodes of a joined cluster, which may extract cold.
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
     started_ray = init_ray(config.address)
     try:
         summary = trainer.run()
-    except (EngineStartError, EngineSyncError, EnginePreflightError) as e:
+    except (EngineStartError, EngineSyncError, EnginePreflightError, CheckpointError) as e:
         print(f"train: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
             f"train: aborted; the last complete checkpoint is kept under {trainer.run_dir.checkpoints}",
             file=sys.stderr,
         )
-        return EXIT_STOPPED
+        return 128 + (trainer.stop_signal or signal.SIGINT)
     finally:
         if started_ray:
             ray.shutdown()
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
     )
     if summary["status"] == "stopped":
         print(f"continue with: ./pants run src/driver:train -- --resume --output-dir {out.root}")
-        return EXIT_STOPPED
+        return 128 + summary["signal"]
     return EXIT_OK
 
 

@@ -160,7 +160,32 @@ class TrainConfig:
         "iterations",
     )
     checkpoint_every: int = _opt(
-        5, "checkpoint every K iterations (and at the end); 0: only at the end", "iterations"
+        5,
+        "checkpoint every K iterations (and at the end); compact (ES state only) unless a full one is "
+        "due; 0: only at the end",
+        "iterations",
+        resumable=True,
+    )
+    full_checkpoint_every: int = _opt(
+        25,
+        "write the model directory with the checkpoint every K iterations (and at the end); compact "
+        "checkpoints in between replay their updates onto the last one; 0: only at the end",
+        "iterations",
+        resumable=True,
+    )
+    keep_full: int = _opt(
+        2,
+        "keep the newest N full checkpoints (and the compact ones that replay onto them or onto the "
+        "base model); 0: keep every checkpoint",
+        "checkpoints",
+        resumable=True,
+    )
+    stop_deadline: float = _opt(
+        25.0,
+        "after SIGTERM or Ctrl-C, finish the current iteration only if that and the checkpoint fit in "
+        "this many seconds, else drop it (default: inside a 30 s spot-VM preemption notice)",
+        "s",
+        resumable=True,
     )
     samples_per_iteration: int = _opt(4, "sample completions written per iteration", "samples")
     resume: bool = _opt(False, "continue the run in OUTPUT_DIR from its last checkpoint", resumable=True)
@@ -237,6 +262,9 @@ class TrainConfig:
             "eval_size",
             "eval_every",
             "checkpoint_every",
+            "full_checkpoint_every",
+            "keep_full",
+            "stop_deadline",
             "samples_per_iteration",
             "train_size",
             "seed",
@@ -316,6 +344,16 @@ class TrainConfig:
     def vllm_on_cpu(self) -> bool:
         """vLLM engines on CPUs (no GPUs, no TPU chips per engine)."""
         return self.backend == "vllm" and not self.engine_gpus and not self.engine_resources.get("TPU", 0)
+
+    @property
+    def device_type(self) -> str:
+        """The kind of device the engines compute on, which decides the noise a seed gives: "cpu", "cuda"
+        or "tpu" (vLLM with TPU chips per engine)."""
+        if self.backend == "cuda" or (self.backend == "vllm" and self.engine_gpus):
+            return "cuda"
+        if self.backend == "vllm" and self.engine_resources.get("TPU", 0):
+            return "tpu"
+        return "cpu"
 
     @property
     def engine_target(self) -> str:

@@ -12,8 +12,12 @@ depend on the failure: every member's evaluation is deterministic (seeded noise,
 restore).
 
 Evaluation is greedy accuracy (answer reward 1) on the held-out split, unperturbed, before training,
-every `eval_every` iterations and at the end. Checkpoints are written every `checkpoint_every` iterations,
-at the end, and when the run is stopped with Ctrl-C.
+every `eval_every` iterations and at the end. Checkpoints (`driver.checkpointing`: compact, or full every
+`full_checkpoint_every` iterations) are written every `checkpoint_every` iterations, at the end, and when
+the run is stopped by SIGTERM or Ctrl-C. A stop finishes the current iteration when that fits in
+`stop_deadline` seconds (estimated from the members done so far), else drops it; then a compact
+checkpoint of the last finished iteration is written, which needs no engine (on a preempted VM the
+engines get the signal too).
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from driver.checkpointing import (
+    Anchor,
+    CheckpointError,
+    Restore,
+    es_state,
+    full_due,
+    model_digest,
+    prune,
+    restore_plan,
+)
 from driver.countdown_data import CountdownDataError, generate, load_hf, load_reference, split
 from driver.engine_pool import EnginePool, EngineSpec
 from driver.manifest import session_entry
@@ -50,7 +64,7 @@ from shared.protocol import (
     RolloutResult,
     VLLMOptions,
 )
-from shared.run_layout import RunDir, RunDirError, checkpoint_files, write_json_atomic
+from shared.run_layout import COMPACT, FULL, RunDir, RunDirError, checkpoint_files, write_json_atomic
 from shared.seeds import prompt_rank
 
 # Warm-start steps of the tiny default model: measured, 55 steps leave it between not answering in the
@@ -58,12 +72,15 @@ from shared.seeds import prompt_rank
 TINY_WARM_START_STEPS = 55
 # Restarts allowed per engine before the run gives up.
 MAX_RESTARTS_PER_ENGINE = 3
-# Seconds between checks for Ctrl-C while waiting on engines.
+# Seconds between checks for a stop request while waiting on engines.
 _POLL_S = 0.5
+# Signals that stop a run cleanly (a second one aborts at once); exit status 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Stopped(Exception):
-    """Ctrl-C was pressed: the current iteration is abandoned (raised inside the loop only)."""
+    """A stop was requested (SIGTERM, Ctrl-C) and the current iteration is dropped (raised inside the
+    loop only)."""
 
 
 class EngineSyncError(RuntimeError):
@@ -120,15 +137,6 @@ def prompt_batch(
 ) -> list[CountdownProblem]:
     """The `size` training problems of `iteration`: those with the smallest `prompt_rank`, in rank order."""
     return sorted(train, key=lambda p: prompt_rank(root_seed, iteration, p.id))[:size]
-
-
-@dataclass(frozen=True)
-class Anchor:
-    """Weights an engine can be rebuilt from: a model directory (plus fp32 master) after `updates`."""
-
-    updates: int
-    model_dir: str
-    master_path: str | None = None
 
 
 # Called after each member result: (trainer, iteration, member index, engine index).
@@ -208,7 +216,15 @@ class Trainer:
         self.fingerprint: str | None = None
         self.anchor: Anchor | None = None
         self.restarts: Counter[int] = Counter()
+        # {"path", "digest"} of the base model (None when the driver cannot read it: only full checkpoints).
+        self.base_model: dict[str, str] | None = None
+        self.saved_updates = -1  # updates of the newest checkpoint written or resumed from
+        self.machines: list[dict[str, Any]] = []  # each engine's LoadResult.machine
         self._stop = False
+        self.stop_signal: int | None = None  # the signal that requested a stop
+        self._stop_at: float | None = None  # time.monotonic() by which the run should have stopped
+        self._member_s: float | None = None  # wall seconds per member in the last iteration
+        self._update_s = 0.0  # wall seconds of the last update
         self._writer = None
 
     # ---- engines -----------------------------------------------------------------------------------
@@ -253,6 +269,8 @@ class Trainer:
         Raises:
             EngineStartError: the actor could not be restarted. EngineSyncError: too many restarts.
         """
+        if self._stop:
+            raise Stopped
         self.restarts[index] += 1
         if self.restarts[index] > MAX_RESTARTS_PER_ENGINE:
             raise EngineSyncError(f"engine {index} failed {self.restarts[index]} times; giving up ({reason})")
@@ -336,16 +354,38 @@ class Trainer:
         if odd:
             self._resync(odd, f"fingerprints {[fingerprints[i][:12] for i in odd]} != {majority[:12]} {when}")
 
+    def _finishing_fits(self, done: int, total: int, started: float) -> bool:
+        """Whether, after a stop request, the rest of an iteration (`done` of `total` members finished
+        since `started`, a time.monotonic()) and its update fit before the stop deadline: estimated from
+        this iteration's members, else the last iteration's."""
+        now = time.monotonic()
+        # Wall seconds per member, all engines together.
+        per_member = (now - started) / done if done else self._member_s
+        if per_member is None:
+            return False
+        return now + per_member * (total - done) + self._update_s <= self._stop_at
+
     def _rollouts(
-        self, tasks: list[tuple[Any, RolloutRequest]], bar: tqdm, on_done: Callable[[int, int], None]
+        self,
+        tasks: list[tuple[Any, RolloutRequest]],
+        bar: tqdm,
+        on_done: Callable[[int, int], None],
+        finish_on_stop: bool = False,
     ) -> list[RolloutResult]:
         """Runs rollout tasks (problems or their ObjectRef, request) over the engines, one in flight per
         engine, the next task to the first free engine. A task whose engine died is re-run after the
         engine is brought up.
 
+        Args:
+            finish_on_stop: after a stop request, go on while the tasks still fit before the deadline
+                (`_finishing_fits`); otherwise stop at once.
+
         Raises:
-            Stopped: Ctrl-C. Engine errors other than a dead actor propagate.
+            Stopped: a stop was requested (and the tasks do not fit). Engine errors other than a dead
+                actor propagate.
         """
+        started = time.monotonic()
+        finished = 0
         queue = deque(range(len(tasks)))
         free = deque(range(len(self.pool.handles)))
         in_flight: dict[Any, tuple[int, int]] = {}
@@ -356,7 +396,7 @@ class Trainer:
                 problems, request = tasks[task]
                 in_flight[self.pool.handles[engine].evaluate.remote(problems, request)] = (task, engine)
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
-            if self._stop:
+            if self._stop and not (finish_on_stop and self._finishing_fits(finished, len(tasks), started)):
                 raise Stopped
             for ref in done:
                 task, engine = in_flight.pop(ref)
@@ -366,9 +406,12 @@ class Trainer:
                     queue.appendleft(task)
                     self._bring_up(engine, f"died during task {task} ({type(e).__name__})")
                 else:
+                    finished += 1
                     bar.update(1)
                     on_done(task, engine)
                 free.append(engine)
+        if finish_on_stop and tasks:
+            self._member_s = (time.monotonic() - started) / len(tasks)
         return results
 
     # ---- outputs -----------------------------------------------------------------------------------
@@ -378,29 +421,53 @@ class Trainer:
             self._writer.add_scalar(f"{prefix}/{name}", value, step)
         self._writer.flush()
 
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self, full: bool) -> Path:
+        """Writes the checkpoint of the current weights: full (engine 0 writes the model directory) or
+        compact (ES state only, no engine involved); compact only when the base model's identity is known.
+        Then applies the retention policy (--keep-full).
+
+        Raises:
+            CheckpointError: it could not be written completely (disk full, permissions); nothing of it
+                is left and the earlier checkpoints are intact.
+            EngineSyncError: engine 0 saved other weights than the run's.
+        """
         updates = self.strategy.iteration
-        with self.run_dir.new_checkpoint(updates) as tmp:
-            saved = self._call_one(0, "save_checkpoint", str(tmp))
-            if saved.fingerprint != self.fingerprint:
-                raise EngineSyncError(
-                    f"engine 0 saved {saved.fingerprint[:12]}, expected {self.fingerprint[:12]}"
+        full = full or self.base_model is None
+        path = self.run_dir.checkpoint_path(updates)
+        try:
+            with self.run_dir.new_checkpoint(updates) as tmp:
+                has_master = False
+                if full:
+                    saved = self._call_one(0, "save_checkpoint", str(tmp))
+                    if saved.fingerprint != self.fingerprint:
+                        raise EngineSyncError(
+                            f"engine 0 saved {saved.fingerprint[:12]}, expected {self.fingerprint[:12]}"
+                        )
+                    has_master = saved.master is not None
+                state = es_state(
+                    kind=FULL if full else COMPACT,
+                    updates=updates,
+                    anchor=updates if full else self.anchor.updates,
+                    fingerprint=self.fingerprint,
+                    strategy=self.strategy.state_dict(),
+                    problems_digest=self.problems.digest(),
+                    has_master=has_master,
+                    base_model=self.base_model,
+                    device=self.config.device_type,
                 )
-            checkpoint_files(tmp).es_state.write_text(
-                json.dumps(
-                    {
-                        "updates": updates,
-                        "fingerprint": self.fingerprint,
-                        "strategy": self.strategy.state_dict(),
-                        "problems_digest": self.problems.digest(),
-                        "has_master": saved.master is not None,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
-        files = checkpoint_files(self.run_dir.checkpoint_path(updates))
-        self.anchor = Anchor(updates, str(files.model), str(files.master) if saved.master else None)
+                write_json_atomic(checkpoint_files(tmp).es_state, state, sort_keys=False)
+        except (OSError, ray.exceptions.RayTaskError) as e:
+            latest = self.run_dir.latest_checkpoint()
+            raise CheckpointError(
+                f"cannot write the checkpoint {path}: {e}. Nothing of it was kept; the earlier checkpoints "
+                f"are intact (latest: {latest[1] if latest else 'none'})"
+            ) from e
+        files = checkpoint_files(path)
+        if full:
+            self.anchor = Anchor(updates, str(files.model), str(files.master) if has_master else None)
+        self.saved_updates = updates
+        for removed in prune(self.run_dir, self.config.keep_full):
+            tqdm.write(f"removed checkpoint {self.run_dir.checkpoint_path(removed).name} (--keep-full)")
         return files.root
 
     def evaluate(self, bar_desc: str = "eval") -> dict[str, Any]:
@@ -449,18 +516,46 @@ class Trainer:
         )
         return result
 
-    def evaluate_model(self, model_dir: str, master_path: str | None = None) -> dict[str, Any]:
-        """Starts the engines, loads `model_dir` (and an fp32 master), evaluates it on the held-out split
-        (see `evaluate`) and stops the engines. Ray must be initialised.
+    def _restore(self, restore: Restore, where: str) -> int:
+        """Loads `restore`'s anchor into every engine, replays its updates and checks the weights against
+        its fingerprint (`where` names the checkpoint in errors); sets the run's anchor and fingerprint.
+        Returns the number of parameters.
+
+        Raises:
+            CheckpointError: the replayed weights differ from the checkpoint's. EngineSyncError: engines
+                loaded different weights.
+        """
+        self.anchor = restore.anchor
+        loaded = ray.get([self._load(i, restore.anchor) for i in range(len(self.pool.handles))])
+        fingerprints = [r.fingerprint for r in loaded]
+        self.machines = [r.machine for r in loaded]
+        if restore.updates:
+            tqdm.write(f"replaying {len(restore.updates)} updates onto {restore.anchor.model_dir}")
+            for pairs in restore.updates:
+                fingerprints = ray.get([h.apply_update.remote(pairs) for h in self.pool.handles])
+            if restore.fingerprint is not None and restore.fingerprint not in fingerprints:
+                raise CheckpointError(
+                    f"{where}: replaying its {len(restore.updates)} updates onto {restore.anchor.model_dir} "
+                    f"gave weights {fingerprints[0][:12]}, the run recorded {restore.fingerprint[:12]}: "
+                    "these engines compute differently from the ones that wrote it (compare the manifest's "
+                    "engine machines)"
+                )
+        self.fingerprint = restore.fingerprint
+        self._check_agreement(fingerprints, "after loading the model")
+        return loaded[0].parameters
+
+    def evaluate_model(self, restore: Restore, where: str) -> dict[str, Any]:
+        """Starts the engines, restores the weights (`_restore`: a model directory, or a checkpoint's
+        anchor plus its updates), evaluates them on the held-out split (see `evaluate`) and stops the
+        engines. Ray must be initialised.
 
         Raises:
             EngineStartError: engines could not start. EngineSyncError: engines loaded different weights.
+            CheckpointError: replayed weights differ from the checkpoint's.
         """
         try:
             self.pool = EnginePool.start(self.spec, check=False)
-            self.anchor = Anchor(0, model_dir, master_path)
-            loaded = ray.get([self._load(i, self.anchor) for i in range(len(self.pool.handles))])
-            self._check_agreement([r.fingerprint for r in loaded], "after loading the model")
+            self._restore(restore, where)
             return {"fingerprint": self.fingerprint, **self.evaluate()}
         finally:
             self.pool.shutdown()
@@ -491,13 +586,23 @@ class Trainer:
             if self.on_member_done is not None:
                 self.on_member_done(self, k, task, engine)
 
-        results = self._rollouts(tasks, bar, on_done)
+        results = self._rollouts(tasks, bar, on_done, finish_on_stop=True)
         rollout_s = time.perf_counter() - started
         rewards = np.array([np.mean(r.rewards) for r in results])
         started = time.perf_counter()
+        before = (self.strategy.state_dict(), self.fingerprint)
         update = self.strategy.tell(rewards)
-        self._apply_update(update)
-        update_s = time.perf_counter() - started
+        try:
+            self._apply_update(update)
+        except (Stopped, EngineSyncError):
+            if not self._stop:
+                raise
+            # Stopping, and the engines did not confirm the update (a preempted VM stops them too): the
+            # iteration is dropped, so the checkpoint holds only updates whose weights were checked.
+            self.strategy = Strategy.from_state_dict(before[0])
+            self.fingerprint = before[1]
+            raise Stopped from None
+        update_s = self._update_s = time.perf_counter() - started
         engine_seconds = {
             phase: float(sum(getattr(r.seconds, phase) for r in results))
             for phase in ("perturb", "generate", "restore")
@@ -533,6 +638,18 @@ class Trainer:
             },
         }
 
+    def _base_identity(self, base: str) -> dict[str, str] | None:
+        """{"path", "digest"} of the base model, which compact checkpoints replay onto; None (with a
+        warning: every checkpoint is then full) when the driver cannot read it."""
+        try:
+            return {"path": str(Path(base).absolute()), "digest": model_digest(base)}
+        except OSError as e:
+            tqdm.write(
+                f"warning: the base model {base} is not readable on the driver ({e}); every checkpoint "
+                "will be a full one"
+            )
+            return None
+
     def _start(self) -> None:
         """Writes the config, starts the engines, loads the model (or the checkpoint), writes the manifest."""
         config, run_dir = self.config, self.run_dir
@@ -550,27 +667,27 @@ class Trainer:
                 f"creating the tiny default model in {base} ({TINY_WARM_START_STEPS} warm-start steps)"
             )
             self._call_one(0, "make_tiny_model", base, seed=0, warm_start_steps=TINY_WARM_START_STEPS)
-        self.anchor = Anchor(0, base)
+        self.base_model = self._base_identity(base)
+        restore = Restore(Anchor(0, base), [], None)
         if self.resume_state is not None:
             self.strategy = Strategy.from_state_dict(self.resume_state["strategy"])
-            files = checkpoint_files(run_dir.checkpoint_path(self.resume_state["updates"]))
-            master = str(files.master) if self.resume_state["has_master"] else None
-            self.anchor = Anchor(self.resume_state["updates"], str(files.model), master)
-            self.fingerprint = self.resume_state["fingerprint"]
-        loaded = ray.get([self._load(i, self.anchor) for i in range(len(self.pool.handles))])
-        self._check_agreement([r.fingerprint for r in loaded], "after loading the model")
+            self.saved_updates = self.resume_state["updates"]
+            restore = restore_plan(run_dir, self.saved_updates, self.resume_state, config.device_type)
+        parameters = self._restore(restore, str(run_dir.checkpoint_path(self.saved_updates)))
         modules = ray.get([h.module_versions.remote(REPORTED_MODULES) for h in self.pool.handles])
         manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.exists() else {"sessions": []}
-        manifest["sessions"].append(session_entry(self.argv, self.spec.pex, self.pool.reports, modules))
+        manifest["sessions"].append(
+            session_entry(self.argv, self.spec.pex, self.pool.reports, modules, self.machines)
+        )
         write_json_atomic(run_dir.manifest, manifest)
         # A resumed run without a checkpoint starts over; one with a checkpoint drops what came after it.
-        run_dir.truncate_to(self.anchor.updates if self.resume_state is not None else -1)
+        run_dir.truncate_to(self.saved_updates)
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=self.anchor.updates or None)
+        self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=max(self.saved_updates, 0) or None)
         tqdm.write(
             f"model {base if self.resume_state is None else self.anchor.model_dir}: "
-            f"{loaded[0].parameters:,} parameters, fingerprint {self.fingerprint[:12]}; "
+            f"{parameters:,} parameters, fingerprint {self.fingerprint[:12]}; "
             f"{len(self.problems.train)} train / {len(self.problems.eval)} eval problems; "
             f"starting at update {self.strategy.iteration} of {config.iterations}"
         )
@@ -581,11 +698,11 @@ class Trainer:
         started = time.perf_counter()
         row = self._iteration(bar)
         updates = self.strategy.iteration
-        if (
-            config.checkpoint_every and updates % config.checkpoint_every == 0
-        ) or updates == config.iterations:
+        full = full_due(updates, config.iterations, config.full_checkpoint_every)
+        if full or self._stop or (config.checkpoint_every and updates % config.checkpoint_every == 0):
             tick = time.perf_counter()
-            self._checkpoint()
+            # Stopping: a compact checkpoint, which needs no engine and fits any deadline.
+            self._checkpoint(full and not self._stop)
             row["seconds"]["checkpoint"] = time.perf_counter() - tick
         row["seconds"]["iteration"] = time.perf_counter() - started
         self.run_dir.append_jsonl(self.run_dir.metrics, [row])
@@ -600,40 +717,49 @@ class Trainer:
         )
 
     @contextlib.contextmanager
-    def _sigint_stops(self):
-        """While active, the first Ctrl-C requests a clean stop; a second one interrupts at once."""
+    def _stop_signals(self):
+        """While active, the first SIGTERM or Ctrl-C (`STOP_SIGNALS`) requests a clean stop within
+        `config.stop_deadline` seconds; a second one interrupts at once (KeyboardInterrupt)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
             if self._stop:
-                raise KeyboardInterrupt
-            self._stop = True
-            tqdm.write("Ctrl-C: stopping; writing what was done (press Ctrl-C again to abort)")
+                raise KeyboardInterrupt(name)
+            self._stop, self.stop_signal = True, signum
+            self._stop_at = time.monotonic() + self.config.stop_deadline
+            tqdm.write(
+                f"{name}: stopping; the current iteration is finished if that fits in "
+                f"{self.config.stop_deadline:g} s, then a checkpoint is written ({name} again aborts)"
+            )
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, old in previous.items():
+                signal.signal(signum, old)
 
     def run(self) -> dict[str, Any]:
         """Runs the remaining iterations. Ray must be initialised.
 
         Returns:
-            {"status": "completed" | "stopped", "updates": int, "fingerprint": str, "output_dir": str,
-            "last_checkpoint": path or None, "final_eval": eval result or None}.
+            {"status": "completed" | "stopped", "signal": the number of the signal that stopped it or
+            None, "updates": int, "fingerprint": str, "output_dir": str, "last_checkpoint": path or None,
+            "final_eval": eval result or None}.
 
         Raises:
             EnginePreflightError / EngineStartError: engines could not start.
             EngineSyncError: engines could not be kept in sync.
+            CheckpointError: a checkpoint could not be written, or the one to resume cannot be restored.
         """
         config = self.config
         status = "completed"
         final_eval = None
         try:
-            with self._sigint_stops():
+            with self._stop_signals():
                 self._start()
                 fresh = self.resume_state is None
                 ran = False
@@ -661,11 +787,12 @@ class Trainer:
                         final_eval = self._eval_and_log()
                     else:
                         tqdm.write(f"nothing to do: the run already has {self.strategy.iteration} updates")
+                        if self.anchor.updates < self.saved_updates:
+                            self._checkpoint(full=True)  # the full checkpoint a stop left compact
                 except Stopped:
                     status = "stopped"
-                    self._stop = False
-                    if self.strategy.iteration > self.anchor.updates:
-                        self._checkpoint()
+                    if self.strategy.iteration > self.saved_updates:
+                        self._checkpoint(full=False)
         finally:
             if self._writer is not None:
                 self._writer.close()
@@ -674,6 +801,7 @@ class Trainer:
         latest = self.run_dir.latest_checkpoint()
         return {
             "status": status,
+            "signal": self.stop_signal if status == "stopped" else None,
             "updates": self.strategy.iteration,
             "fingerprint": self.fingerprint,
             "output_dir": str(self.run_dir.root),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.backend import Backend, open_backend
+from engine.machine import machine_report
 from shared.countdown import CountdownProblem, reward
 from shared.protocol import (
     REPORTED_MODULES,
@@ -110,7 +111,11 @@ class EngineActor:
             self.backend.close()
             self.backend = None
         self.backend = self._backend_factory(request)
-        return LoadResult(fingerprint=self.backend.fingerprint(), parameters=self.backend.parameters)
+        return LoadResult(
+            fingerprint=self.backend.fingerprint(),
+            parameters=self.backend.parameters,
+            machine=machine_report(request.device),
+        )
 
     def _model(self) -> Backend:
         if self.backend is None:

@@ -109,11 +109,14 @@ class LoadRequest:
 
 @dataclass(frozen=True)
 class LoadResult:
-    """A loaded model: its weights' `fingerprint` and number of ES `parameters` (elements, summed over
-    tensor-parallel ranks)."""
+    """A loaded model: its weights' `fingerprint`, number of ES `parameters` (elements, summed over
+    tensor-parallel ranks), and the `machine` that computes on it (`engine.machine.machine_report`: CPU
+    model and instruction-set flags, torch's CPU kernel capability, thread counts, device), which decides
+    whether two engines compute bit-identical results."""
 
     fingerprint: str
     parameters: int
+    machine: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ Layout (OUTPUT_DIR):
     samples.jsonl                a few completions per iteration
     tensorboard/                 the same scalars as TensorBoard event files (tensorboardX)
     base-model/                  the tiny default model, when no model was given
-    checkpoints/iter-000004/     after 4 updates: model/ (Hugging Face, safetensors), master.safetensors
-                                 (fp32 master, only when the weights are not fp32), es_state.json
+    checkpoints/iter-000004/     after 4 updates. A full checkpoint: model/ (Hugging Face, safetensors),
+                                 master.safetensors (fp32 master, only when the weights are not fp32) and
+                                 es_state.json; a compact one: es_state.json alone (its "kind"), which
+                                 names the full checkpoint (or the base model) its updates replay onto
 
 Checkpoints are written into a hidden temporary directory and renamed into place, so a directory named
 iter-* is always complete; JSON files are replaced atomically. The engines write the model files, so
@@ -47,6 +49,8 @@ ES_STATE = "es_state.json"
 MODEL = "model"
 MASTER = "master.safetensors"
 EVAL = "eval.json"
+# es_state.json "kind": a full checkpoint holds the weights, a compact one only the ES state.
+FULL, COMPACT = "full", "compact"
 
 
 class RunDirError(RuntimeError):
@@ -116,8 +120,9 @@ class CheckpointFiles:
         return self.root / EVAL
 
     def is_checkpoint(self) -> bool:
-        """True when the directory holds a complete checkpoint (ES state and model)."""
-        return self.es_state.is_file() and self.model.is_dir()
+        """True when the directory holds a complete checkpoint: its ES state (written last), which for a
+        full checkpoint comes with the model directory."""
+        return self.es_state.is_file()
 
 
 def checkpoint_files(path: str | Path) -> CheckpointFiles:
@@ -175,15 +180,28 @@ class RunDir:
         """Where the checkpoint after `updates` ES updates lives."""
         return self.checkpoints / f"iter-{updates:06d}"
 
-    def latest_checkpoint(self) -> tuple[int, Path] | None:
-        """(updates, path) of the complete checkpoint with the most updates, or None."""
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """(updates, path) of every complete checkpoint, by updates."""
         found = []
         if self.checkpoints.is_dir():
             for path in self.checkpoints.iterdir():
                 match = CHECKPOINT_PATTERN.match(path.name)
-                if match and checkpoint_files(path).es_state.exists():
+                if match and checkpoint_files(path).is_checkpoint():
                     found.append((int(match.group(1)), path))
-        return max(found) if found else None
+        return sorted(found)
+
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
+        """(updates, path) of the complete checkpoint with the most updates, or None."""
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def remove_checkpoint(self, updates: int) -> None:
+        """Deletes a checkpoint: renamed to a hidden name first (so it is never seen half deleted), then
+        removed."""
+        path = self.checkpoint_path(updates)
+        doomed = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".{path.name}.removed."))
+        os.replace(path, doomed / path.name)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def new_checkpoint(self, updates: int) -> contextlib.AbstractContextManager[Path]:
         """Yields a temporary directory to fill; on normal exit it becomes `checkpoint_path(updates)`

@@ -21,6 +21,11 @@ from __future__ import annotations
 import hashlib
 
 SEED_BITS = 63
+# The version of the noise function: `noise_seed` below, then per parameter `torch.randn` from a generator
+# on the engine's device (engine.torch_weights.noise_like) or threefry normals (engine.jax_weights).
+# Every run's numbers depend on it; a checkpoint records it, and replaying a checkpoint's updates
+# (driver.checkpointing) refuses a different one. Change it with any change to the noise.
+NOISE_VERSION = 1
 
 
 def _hash(*parts: object) -> int:
