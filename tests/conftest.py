@@ -14,6 +14,7 @@ def ray_cluster():
 
     # Ray 2.60 writes ~/.ray/auth_token on first init; parallel test modules each start their own raylet.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    # address="local": always a new cluster, never one another process started on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 
+import driver.engine_pool
 from driver.engine_pool import (
     EnginePool,
     EnginePreflightError,
@@ -214,3 +215,27 @@ def test_prepare_engine_command(tmp_path, capsys):
     assert f"venv:   {root}" in capsys.readouterr().out
     assert main([*args[:1], str(tmp_path / "missing.pex"), *args[2:]]) == 1
     assert "engine PEX not found" in capsys.readouterr().err
+
+
+def test_preflight_refuses_a_pex_root_without_room_to_extract(tmp_path, monkeypatch):
+    """The free space of PEX_ROOT's filesystem (made small here) is checked against the installed size of
+    the PEX's wheels before anything is extracted."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(driver.engine_pool.shutil, "disk_usage", lambda p: real(p)._replace(free=10**6))
+    with pytest.raises(
+        EnginePreflightError,
+        match=r"no space to extract the engine PEX .* into PEX_ROOT .*: 0\.00 GB free on its filesystem, "
+        r"extracting needs about [0-9.]+ GB",
+    ):
+        preflight(spec(tmp_path))
+    assert not (tmp_path / "pex_root").exists()
+
+
+def test_engines_the_cluster_has_no_room_for_time_out_naming_the_capacity(ray_cluster, tmp_path):
+    """Each engine asks for 3 of the cluster's 4 CPUs: the second one never starts, and the error says
+    that the capacity is missing (the total exists, so it is not refused up front)."""
+    with pytest.raises(EngineStartError) as raised:
+        EnginePool.start(spec(tmp_path, num_cpus=3, startup_timeout_s=5), check=True)
+    message = str(raised.value)
+    assert "the cluster had no free capacity for 2 engine(s) when they were requested" in message
+    assert "they need CPU=6, free were CPU=4" in message

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -198,6 +199,59 @@ def read_pex_info(pex: Path) -> dict[str, Any]:
         raise EnginePreflightError(f"{pex} is not a readable PEX (no valid PEX-INFO: {e})") from e
 
 
+def extraction_bytes(pex: Path, pex_root: Path, info: dict[str, Any]) -> int:
+    """Bytes that extracting `pex` into `pex_root` writes: the installed size of each of its wheels
+    (PEX-INFO "distributions") not yet under PEX_ROOT/installed_wheels, read from the zip directories
+    (nothing is extracted). 0 when every wheel is installed there already."""
+    installed = pex_root / "installed_wheels" / "0"
+    missing = {
+        name
+        for name, digest in info.get("distributions", {}).items()
+        if not (installed / digest / name).exists()
+    }
+    total = 0
+    if pex.is_dir():  # packed (.deps/<wheel> is a zip) or loose (.deps/<wheel>/ is a directory) layout
+        for name in missing:
+            wheel = pex / ".deps" / name
+            if wheel.is_file():
+                with zipfile.ZipFile(wheel) as zf:
+                    total += sum(entry.file_size for entry in zf.infolist())
+            elif wheel.is_dir():
+                total += sum(f.stat().st_size for f in wheel.rglob("*") if f.is_file())
+    else:  # zipapp: .deps/<wheel>/<file> entries
+        with zipfile.ZipFile(pex) as zf:
+            for entry in zf.infolist():
+                parts = entry.filename.split("/")
+                if len(parts) > 2 and parts[0] == ".deps" and parts[1] in missing:
+                    total += entry.file_size
+    return total
+
+
+def check_free_space(spec: EngineSpec, info: dict[str, Any]) -> None:
+    """Before a first extraction: the filesystem of PEX_ROOT on this node must have room for it
+    (`extraction_bytes`), else Ray's worker start fails later with an unrelated-looking error.
+
+    Raises:
+        EnginePreflightError: naming PEX_ROOT, the free and the needed bytes.
+    """
+    root = Path(os.path.expandvars(spec.pex_root)).absolute()
+    if (root / "venvs" / "1" / str(info.get("pex_hash"))).is_dir():
+        return  # extracted already
+    needed = extraction_bytes(spec.pex, root, info)
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise EnginePreflightError(no_space_message(str(root), free, needed, spec.pex))
+
+
+def no_space_message(pex_root: str, free: int, needed: int, pex: Path) -> str:
+    return (
+        f"no space to extract the engine PEX {pex} into PEX_ROOT {pex_root}: {free / 1e9:.2f} GB free on "
+        f"its filesystem, extracting needs about {needed / 1e9:.2f} GB. Free space there or point "
+        f"--pex-root / ${PEX_ROOT_ENV} at a larger disk."
+    )
+
+
 def inspect_pex(spec: EngineSpec, timeout_s: float) -> dict[str, Any]:
     """Runs the PEX as an interpreter on this machine and returns what it reports about itself.
 
@@ -243,7 +297,8 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
     """Checks that `spec` can start engines, before any actor is created. Returns `inspect_pex`'s report.
 
     Checks: the PEX exists and has a PEX-INFO; it has no entry point (Ray passes its worker arguments to
-    an entry point); the interpreter runs it; Ray inside equals the driver's Ray; the Python minor inside
+    an entry point); PEX_ROOT's filesystem has room to extract it (`check_free_space`); the interpreter
+    runs it; Ray inside equals the driver's Ray; the Python minor inside
     equals the driver's; `shared.engine_host` imports inside. The report's "venv" is the PEX's venv on
     this node (`venv_of`), for `EngineSpec.venv`.
 
@@ -258,6 +313,7 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
             "would pass its worker arguments to it. Build the engine pex_binary without entry_point/script "
             "(src/engine:engine has none)."
         )
+    check_free_space(spec, info)
     report = inspect_pex(spec, timeout_s if timeout_s is not None else max(60.0, spec.deadline_s))
     driver_python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if report["python"] != driver_python:
@@ -353,6 +409,70 @@ def ray_log_excerpt(offsets: dict[Path, int], max_lines: int = 20) -> str:
     return "\n".join("    " + line for line in list(found)[-max_lines:])
 
 
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{name}={amount:g}" for name, amount in sorted(resources.items()))
+
+
+def capacity_shortage(spec: EngineSpec, engines: int, free: dict[str, float]) -> str | None:
+    """Why `engines` more engines of `spec` do not fit in the cluster's `free` resources
+    (`ray.available_resources()` before they were requested), or None."""
+    need = {"CPU": spec.num_cpus, "GPU": spec.num_gpus, **spec.resources}
+    need = {name: amount * engines for name, amount in need.items() if amount}
+    if all(free.get(name, 0.0) >= amount for name, amount in need.items()):
+        return None
+    return (
+        f"the cluster had no free capacity for {engines} engine(s) when they were requested: they need "
+        f"{_amounts(need)}, free were {_amounts({name: free.get(name, 0.0) for name in need})} (a node "
+        "may have died, or other work holds the resources)"
+    )
+
+
+def node_disk_shortages(spec: EngineSpec, timeout_s: float = 10.0) -> list[str]:
+    """One line per alive node whose PEX_ROOT filesystem has less free space than extracting the engine
+    PEX needs (and has not extracted it yet), from a small task on every node; nodes that do not answer
+    within `timeout_s` are left out."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        info = read_pex_info(spec.pex)
+    except EnginePreflightError:
+        return []
+    needed = extraction_bytes(spec.pex, Path("/nonexistent"), info)  # every wheel: an empty PEX_ROOT
+
+    def probe(pex_root: str, pex_hash: str) -> tuple[str, str, int | None]:
+        import os
+        import shutil
+        import socket
+        from pathlib import Path
+
+        root = Path(os.path.expandvars(pex_root)).absolute()
+        if (root / "venvs" / "1" / pex_hash).is_dir():
+            return socket.gethostname(), str(root), None
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        return socket.gethostname(), str(root), shutil.disk_usage(existing).free
+
+    task = ray.remote(num_cpus=0)(probe)
+    refs = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            spec.pex_root, str(info.get("pex_hash"))
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        ray.cancel(ref, force=True)
+    lines = []
+    for ref in ready:
+        try:
+            host, root, free = ray.get(ref)
+        except ray.exceptions.RayError:
+            continue
+        if free is not None and free < needed:
+            lines.append(f"node {host}: {no_space_message(root, free, needed, spec.pex)}")
+    return lines
+
+
 def missing_resources(spec: EngineSpec) -> None:
     """Fails fast when no node of the Ray cluster can ever hold one engine: Ray would keep such an actor
     pending without an error (an "infeasible" task), and the pool would wait for its deadline.
@@ -415,6 +535,7 @@ class EnginePool:
             max_restarts=0,
         )
         log_offsets = ray_log_offsets()
+        free = ray.available_resources()
         started = time.time()
         handles = [remote_host.remote(spec.target, engine_id=i) for i in engine_ids]
         pending = {handle.ready.remote(self.report_packages): k for k, handle in enumerate(handles)}
@@ -424,7 +545,8 @@ class EnginePool:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.time()))
                 if not done:
-                    raise EngineStartError(self._timeout_message(spec, log_offsets, len(pending)))
+                    shortage = capacity_shortage(spec, len(engine_ids), free)
+                    raise EngineStartError(self._timeout_message(spec, log_offsets, len(pending), shortage))
                 k = pending.pop(done[0])
                 try:
                     reports[k] = ray.get(done[0])
@@ -454,9 +576,13 @@ class EnginePool:
         return report
 
     @staticmethod
-    def _timeout_message(spec: EngineSpec, log_offsets: dict[Path, int], waiting: int) -> str:
+    def _timeout_message(
+        spec: EngineSpec, log_offsets: dict[Path, int], waiting: int, shortage: str | None
+    ) -> str:
         excerpt = ray_log_excerpt(log_offsets)
-        return (
+        causes = [shortage, *node_disk_shortages(spec)]
+        found = "".join(f"Cause: {cause}.\n" for cause in causes if cause)
+        return found + (
             f"{waiting} of {spec.num_engines} engine actors did not start within {spec.deadline_s:.0f} s "
             f"(startup_timeout_s={spec.startup_timeout_s:.0f} + cold_start_allowance_s="
             f"{spec.cold_start_allowance_s:.0f}). Ray keeps retrying a worker that cannot start instead of "

@@ -7,9 +7,10 @@ accelerated version does); the member reward is the mean Countdown reward over t
 turns the shaped rewards into an update, given to every engine as (seed, coefficient) pairs; then the
 engines' weight fingerprints must agree. An engine whose fingerprint differs is resynced from a healthy
 engine (with a warning). An engine actor that dies is restarted from the engine PEX, loaded with the last
-checkpoint (or the base model) plus the updates since, and its member re-run, so the run's result does not
-depend on the failure: every member's evaluation is deterministic (seeded noise, greedy decoding, exact
-restore).
+full checkpoint (or the base model) plus the updates since, and its member re-run, so the run's result
+does not depend on the failure: every member's evaluation is deterministic (seeded noise, greedy decoding,
+exact restore). When its node died, Ray places the new actor on the remaining capacity; when there is
+none within the engine start timeout, the run writes a checkpoint and stops with a message saying so.
 
 Evaluation is greedy accuracy (answer reward 1) on the held-out split, unperturbed, before training,
 every `eval_every` iterations and at the end. Checkpoints (`driver.checkpointing`: compact, or full every
@@ -50,7 +51,7 @@ from driver.checkpointing import (
     restore_plan,
 )
 from driver.countdown_data import CountdownDataError, generate, load_hf, load_reference, split
-from driver.engine_pool import EnginePool, EngineSpec
+from driver.engine_pool import EnginePool, EngineSpec, EngineStartError
 from driver.manifest import session_entry
 from driver.strategy import Strategy
 from driver.train_config import ConfigError, TrainConfig, merge_for_resume
@@ -793,6 +794,17 @@ class Trainer:
                     status = "stopped"
                     if self.strategy.iteration > self.saved_updates:
                         self._checkpoint(full=False)
+                except EngineStartError as e:
+                    # A dead engine could not be restarted within the start timeout (its node died and the
+                    # cluster has no capacity left): keep every finished iteration, say how to go on.
+                    if self.strategy.iteration > self.saved_updates:
+                        self._checkpoint(full=False)
+                    raise EngineStartError(
+                        f"{e}\nThe run stopped after {self.strategy.iteration} updates, checkpointed in "
+                        f"{self.run_dir.checkpoint_path(self.saved_updates)}. Continue it with --resume "
+                        f"--output-dir {self.run_dir.root} once the cluster has room for the engines again "
+                        "(or with fewer --num-engines: the result does not depend on their number)."
+                    ) from e
         finally:
             if self._writer is not None:
                 self._writer.close()
