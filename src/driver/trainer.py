@@ -15,10 +15,10 @@ none within the engine start timeout, the run writes a checkpoint and stops with
 Evaluation is greedy accuracy (answer reward 1) on the held-out split, unperturbed, before training,
 every `eval_every` iterations and at the end. Checkpoints (`driver.checkpointing`: compact, or full every
 `full_checkpoint_every` iterations) are written every `checkpoint_every` iterations, at the end, and when
-the run is stopped by SIGTERM or Ctrl-C. A stop finishes the current iteration when that fits in
-`stop_deadline` seconds (estimated from the members done so far), else drops it; then a compact
-checkpoint of the last finished iteration is written, which needs no engine (on a preempted VM the
-engines get the signal too).
+the run is stopped by SIGTERM or Ctrl-C. A stop writes a compact checkpoint of the last finished
+iteration at once (it needs no engine: on a preempted VM the engines and the raylet get the signal too,
+and Ray ends the driver when its raylet is gone), then finishes the current iteration when that fits in
+`stop_deadline` seconds (estimated from the members done so far) and checkpoints it, else drops it.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ from shared.seeds import prompt_rank
 TINY_WARM_START_STEPS = 55
 # Restarts allowed per engine before the run gives up.
 MAX_RESTARTS_PER_ENGINE = 3
-# Seconds between checks for a stop request while waiting on engines.
-_POLL_S = 0.5
+# Seconds between checks for a stop request while waiting on engines (a signal handler runs only once the
+# wait returns).
+_POLL_S = 0.1
 # Signals that stop a run cleanly (a second one aborts at once); exit status 128 + the signal's number.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -226,6 +227,9 @@ class Trainer:
         self._stop_at: float | None = None  # time.monotonic() by which the run should have stopped
         self._member_s: float | None = None  # wall seconds per member in the last iteration
         self._update_s = 0.0  # wall seconds of the last update
+        # False between `tell` and the engines' confirmation of the update, and while a checkpoint is being
+        # written: a signal handler may checkpoint only when True.
+        self._consistent = True
         self._writer = None
 
     # ---- engines -----------------------------------------------------------------------------------
@@ -435,6 +439,7 @@ class Trainer:
         updates = self.strategy.iteration
         full = full or self.base_model is None
         path = self.run_dir.checkpoint_path(updates)
+        consistent, self._consistent = self._consistent, False
         try:
             with self.run_dir.new_checkpoint(updates) as tmp:
                 has_master = False
@@ -463,6 +468,8 @@ class Trainer:
                 f"cannot write the checkpoint {path}: {e}. Nothing of it was kept; the earlier checkpoints "
                 f"are intact (latest: {latest[1] if latest else 'none'})"
             ) from e
+        finally:
+            self._consistent = consistent
         files = checkpoint_files(path)
         if full:
             self.anchor = Anchor(updates, str(files.model), str(files.master) if has_master else None)
@@ -592,6 +599,7 @@ class Trainer:
         rewards = np.array([np.mean(r.rewards) for r in results])
         started = time.perf_counter()
         before = (self.strategy.state_dict(), self.fingerprint)
+        self._consistent = False
         update = self.strategy.tell(rewards)
         try:
             self._apply_update(update)
@@ -603,6 +611,8 @@ class Trainer:
             self.strategy = Strategy.from_state_dict(before[0])
             self.fingerprint = before[1]
             raise Stopped from None
+        finally:
+            self._consistent = True
         update_s = self._update_s = time.perf_counter() - started
         engine_seconds = {
             phase: float(sum(getattr(r.seconds, phase) for r in results))
@@ -735,6 +745,10 @@ class Trainer:
                 f"{name}: stopping; the current iteration is finished if that fits in "
                 f"{self.config.stop_deadline:g} s, then a checkpoint is written ({name} again aborts)"
             )
+            # First a compact checkpoint of the last finished iteration, at once: on a preempted VM the
+            # raylet gets the signal too, and Ray ends this process when its raylet is gone.
+            if self._consistent and self.anchor is not None and self.strategy.iteration > self.saved_updates:
+                self._checkpoint(full=False)
 
         previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
         try:
