@@ -727,6 +727,10 @@ class Trainer:
             f"{row['seconds']['iteration']:.1f} s"
         )
 
+    def _unsaved_updates(self) -> bool:
+        """True when updates were made since the newest checkpoint (or, without one, since the start)."""
+        return self.strategy.iteration > max(self.saved_updates, 0)
+
     @contextlib.contextmanager
     def _stop_signals(self):
         """While active, the first SIGTERM or Ctrl-C (`STOP_SIGNALS`) requests a clean stop within
@@ -747,7 +751,7 @@ class Trainer:
             )
             # First a compact checkpoint of the last finished iteration, at once: on a preempted VM the
             # raylet gets the signal too, and Ray ends this process when its raylet is gone.
-            if self._consistent and self.anchor is not None and self.strategy.iteration > self.saved_updates:
+            if self._consistent and self.anchor is not None and self._unsaved_updates():
                 self._checkpoint(full=False)
 
         previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
@@ -806,12 +810,12 @@ class Trainer:
                             self._checkpoint(full=True)  # the full checkpoint a stop left compact
                 except Stopped:
                     status = "stopped"
-                    if self.strategy.iteration > self.saved_updates:
+                    if self._unsaved_updates():
                         self._checkpoint(full=False)
                 except EngineStartError as e:
                     # A dead engine could not be restarted within the start timeout (its node died and the
                     # cluster has no capacity left): keep every finished iteration, say how to go on.
-                    if self.strategy.iteration > self.saved_updates:
+                    if self._unsaved_updates():
                         self._checkpoint(full=False)
                     raise EngineStartError(
                         f"{e}\nThe run stopped after {self.strategy.iteration} updates, checkpointed in "
