@@ -29,20 +29,9 @@ import torch
 
 from driver.strategy import Strategy, StrategyConfig
 from engine.hf_backend import TransformersBackend
-from engine.tiny_model import make_tiny_model
+from engine.tiny_model import SIZES, make_tiny_model
 from shared.protocol import LoadRequest
 from shared.run_layout import checkpoint_files
-
-MODELS = {
-    "tiny": {},
-    "100M": {
-        "hidden_size": 768,
-        "num_layers": 16,
-        "num_heads": 12,
-        "num_kv_heads": 2,
-        "intermediate_size": 2048,
-    },
-}
 
 
 def tree_bytes(path: Path) -> int:
@@ -65,7 +54,7 @@ def compact_bytes(population: int, iterations: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--population", type=int, default=30, help="N: (seed, coefficient) pairs per update")
     parser.add_argument("--iterations", type=int, default=500, help="updates in the compact history")
@@ -77,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
         for name in args.models:
-            model_dir = make_tiny_model(Path(tmp) / name, seed=0, **MODELS[name])
+            model_dir = make_tiny_model(Path(tmp) / name, seed=0, **SIZES[name])
             backend = TransformersBackend(LoadRequest(model_dir=str(model_dir), dtype=args.dtype))
             files = checkpoint_files(Path(tmp) / f"{name}-checkpoint")
             files.root.mkdir()
@@ -105,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['replay_s_per_update']:.2f} s per update (N = {args.population})"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
     return 0
 
 

@@ -27,20 +27,9 @@ from pathlib import Path
 import torch
 
 from engine.hf_backend import HFBackend
-from engine.tiny_model import make_tiny_model
+from engine.tiny_model import SIZES, make_tiny_model
 from engine.torch_weights import RESTORE_MODES, TorchWeights
 from shared.countdown import make_prompt
-
-MODELS = {
-    "tiny": {},
-    "100M": {
-        "hidden_size": 768,
-        "num_layers": 16,
-        "num_heads": 12,
-        "num_kv_heads": 2,
-        "intermediate_size": 2048,
-    },
-}
 
 
 def _sync(device: torch.device) -> None:
@@ -113,7 +102,7 @@ def member_evaluation(
 
 
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
-    model_dir = make_tiny_model(workdir / name, seed=0, **MODELS[name])
+    model_dir = make_tiny_model(workdir / name, seed=0, **SIZES[name])
     backend = HFBackend(model_dir, dtype=args.dtype, device=args.device)
     weights = TorchWeights(backend.model, restore_mode=args.restore_mode)
     device = backend.device
@@ -143,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--restore-mode", default="master", choices=list(RESTORE_MODES))
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)

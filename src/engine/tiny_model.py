@@ -59,6 +59,20 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizer
     return fast
 
 
+# Named sizes of `make_tiny_model`'s arguments: the default (0.36 M parameters) and a ~98 M-parameter
+# Qwen2 of the same family, which the benchmarks use as the larger model.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    "100M": {
+        "hidden_size": 768,
+        "num_layers": 16,
+        "num_heads": 12,
+        "num_kv_heads": 2,
+        "intermediate_size": 2048,
+    },
+}
+
+
 def make_tiny_model(
     out_dir: str | Path,
     seed: int = 0,
