@@ -199,15 +199,14 @@ def read_pex_info(pex: Path) -> dict[str, Any]:
         raise EnginePreflightError(f"{pex} is not a readable PEX (no valid PEX-INFO: {e})") from e
 
 
-def extraction_bytes(pex: Path, pex_root: Path, info: dict[str, Any]) -> int:
+def extraction_bytes(pex: Path, pex_root: Path | None, info: dict[str, Any]) -> int:
     """Bytes that extracting `pex` into `pex_root` writes: the installed size of each of its wheels
-    (PEX-INFO "distributions") not yet under PEX_ROOT/installed_wheels, read from the zip directories
-    (nothing is extracted). 0 when every wheel is installed there already."""
-    installed = pex_root / "installed_wheels" / "0"
+    (PEX-INFO "distributions") not yet under PEX_ROOT/installed_wheels (every wheel when `pex_root` is
+    None: an empty one), read from the zip directories (nothing is extracted)."""
     missing = {
         name
         for name, digest in info.get("distributions", {}).items()
-        if not (installed / digest / name).exists()
+        if pex_root is None or not (pex_root / "installed_wheels" / "0" / digest / name).exists()
     }
     total = 0
     if pex.is_dir():  # packed (.deps/<wheel> is a zip) or loose (.deps/<wheel>/ is a directory) layout
@@ -437,7 +436,7 @@ def node_disk_shortages(spec: EngineSpec, timeout_s: float = 10.0) -> list[str]:
         info = read_pex_info(spec.pex)
     except EnginePreflightError:
         return []
-    needed = extraction_bytes(spec.pex, Path("/nonexistent"), info)  # every wheel: an empty PEX_ROOT
+    needed = extraction_bytes(spec.pex, None, info)
 
     def probe(pex_root: str, pex_hash: str) -> tuple[str, str, int | None]:
         import os

@@ -24,7 +24,6 @@ from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, prepare_e
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer, load_problems
 from shared.run_layout import (
-    CHECKPOINT_PATTERN,
     ES_STATE,
     FULL,
     MODEL,
@@ -36,10 +35,10 @@ from shared.run_layout import (
 )
 
 
-def locate(path: Path) -> tuple[Restore | None, RunDir | None, dict | None]:
-    """What CHECKPOINT is: (how to restore a full checkpoint or model directory, or None for a compact
-    checkpoint (restored with `restore_plan` once the device type is known); the run it belongs to or None;
-    the run's saved config or None).
+def locate(path: Path) -> tuple[Restore | dict, RunDir | None, dict | None]:
+    """What CHECKPOINT is: (how to restore a full checkpoint or model directory, or for a compact
+    checkpoint its es_state.json, restored with `restore_plan` once the device type is known; the run it
+    belongs to or None; the run's saved config or None).
 
     Raises:
         ConfigError: `path` is neither a checkpoint nor a model directory, or a compact checkpoint
@@ -58,7 +57,7 @@ def locate(path: Path) -> tuple[Restore | None, RunDir | None, dict | None]:
                 f"CHECKPOINT: {path} is a compact checkpoint; it replays onto checkpoints of its run "
                 "directory, so evaluate it where the run wrote it"
             )
-        return None, run, saved
+        return state, run, saved
     if (path / "config.json").is_file():  # a Hugging Face model directory
         return Restore(Anchor(0, str(path)), [], None), None, None
     raise ConfigError(
@@ -79,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         given_config, given = config_from_args(args)
         values = dict(saved or {})
         values.update({name: getattr(given_config, name) for name in given})
-        model_dir = restore.anchor.model_dir if restore else (saved or {}).get("model_dir")
+        compact = isinstance(restore, dict)
+        model_dir = (saved or {}).get("model_dir") if compact else restore.anchor.model_dir
         values.update(model_dir=model_dir or str(run.base_model), resume=False, output_dir=str(checkpoint))
         config = TrainConfig(**values)
-        if restore is None:
-            updates = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
-            restore = restore_plan(run, updates, run.read_checkpoint_state(checkpoint), config.device_type)
+        if compact:
+            restore = restore_plan(run, restore["updates"], restore, config.device_type)
         problems = load_problems(config)
         if not problems.eval:
             raise ConfigError(

@@ -259,13 +259,13 @@ class Trainer:
         )
         return self.pool.handles[index].load_model.remote(request)
 
-    def _replay(self, index: int, since: int) -> str:
-        """Applies the updates recorded after `since` updates to engine `index`; returns its fingerprint."""
-        handle = self.pool.handles[index]
-        fingerprint = ray.get(handle.fingerprint.remote())
-        for record in self.strategy.history[since:]:
-            fingerprint = ray.get(handle.apply_update.remote(record["update"]))
-        return fingerprint
+    def _replay(self, indices: list[int], updates: list[list[tuple[int, float]]]) -> list[str]:
+        """Applies `updates` (one list of (seed, coefficient) pairs per ES update, oldest first) to the
+        engines `indices`, all together; returns their fingerprints after the last one (none: [])."""
+        fingerprints: list[str] = []
+        for pairs in updates:
+            fingerprints = ray.get([self.pool.handles[i].apply_update.remote(pairs) for i in indices])
+        return fingerprints
 
     def _bring_up(self, index: int, reason: str) -> None:
         """Restarts engine `index` from the PEX and brings it to the current weights (anchor + updates
@@ -281,8 +281,9 @@ class Trainer:
             raise EngineSyncError(f"engine {index} failed {self.restarts[index]} times; giving up ({reason})")
         tqdm.write(f"warning: engine {index} {reason}; restarting it from {self.spec.pex}")
         self.pool.restart(index)
-        ray.get(self._load(index, self.anchor))
-        fingerprint = self._replay(index, self.anchor.updates)
+        loaded = ray.get(self._load(index, self.anchor))
+        since = [record["update"] for record in self.strategy.history[self.anchor.updates :]]
+        fingerprint = (self._replay([index], since) or [loaded.fingerprint])[0]
         if fingerprint != self.fingerprint:
             self._resync([index], f"after restart it has {fingerprint[:12]}")
         tqdm.write(f"engine {index} restarted at {self.fingerprint[:12]} (updates {self.strategy.iteration})")
@@ -539,8 +540,7 @@ class Trainer:
         self.machines = [r.machine for r in loaded]
         if restore.updates:
             tqdm.write(f"replaying {len(restore.updates)} updates onto {restore.anchor.model_dir}")
-            for pairs in restore.updates:
-                fingerprints = ray.get([h.apply_update.remote(pairs) for h in self.pool.handles])
+            fingerprints = self._replay(list(range(len(self.pool.handles))), restore.updates)
             if restore.fingerprint is not None and restore.fingerprint not in fingerprints:
                 raise CheckpointError(
                     f"{where}: replaying its {len(restore.updates)} updates onto {restore.anchor.model_dir} "
