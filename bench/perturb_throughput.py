@@ -7,10 +7,14 @@ For each model (the tiny default model and a ~100M-parameter Qwen2 of the same f
   copy      one pass of `p.copy_(q)` over every parameter from a same-shaped tensor on the same device
             (the baseline: what any in-place weight operation must at least do);
   perturb+restore   `TorchWeights.perturb` then `.restore` (noise regenerated from the seed, added in
-            fp32, then an exact copy back from the fp32 master);
+            fp32, then an exact copy back from the fp32 master): on CPUs the noise of version 2
+            (`engine.cpu_noise`, generated and added in one pass), on CUDA `torch.randn`;
+  v1 perturb+restore  the same with noise version 1, measured in the same run as the baseline it
+            replaced: per parameter a seeded `torch.Generator` and `torch.randn`, then mul_/add_/copy_;
   evaluation share  the fraction of one member evaluation (perturb, greedy generation of
             --max-new-tokens on --prompts Countdown prompts, restore) spent in perturb + restore.
-Reports parameters per second and the ratio perturb+restore / copy (goal: within 3x).
+Reports parameters per second and the ratios perturb+restore / copy (goal: within 3x), for both noise
+versions.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from engine.hf_backend import HFBackend
 from engine.tiny_model import SIZES, make_tiny_model
 from engine.torch_weights import RESTORE_MODES, TorchWeights
 from shared.countdown import make_prompt
+from shared.seeds import noise_seed
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +79,13 @@ def perturb_restore_seconds(
     return _timed(perturb_restore, device, repeats)
 
 
+def v1_noise(name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
+    """Noise version 1 (for the baseline): `torch.randn` from a generator seeded per parameter."""
+    generator = torch.Generator(device=p.device)
+    generator.manual_seed(noise_seed(seed, name))
+    return torch.randn(p.shape, generator=generator, dtype=torch.float32, device=p.device)
+
+
 def member_evaluation(
     backend: HFBackend,
     weights: TorchWeights,
@@ -111,6 +123,10 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     seeds = iter(range(10**9))
     t_copy = param_copy_seconds(params, device, args.repeats)
     t_pr = perturb_restore_seconds(weights, 0.001, seeds, device, args.repeats)
+    # The same weights through noise tensors of version 1 (TorchWeights' noise-tensor path).
+    v1 = TorchWeights(backend.model, restore_mode=args.restore_mode, noise=v1_noise)
+    t_v1 = perturb_restore_seconds(v1, 0.001, seeds, device, args.repeats)
+    del v1
     prompts = [make_prompt([i + 1, i + 2, i + 3], 10 + i) for i in range(args.prompts)]
     t_eval, perturb_restore_in_eval = member_evaluation(
         backend, weights, prompts, args.max_new_tokens, next(seeds), 0.001, device
@@ -122,6 +138,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "copy_params_per_s": count / t_copy,
         "perturb_restore_params_per_s": count / t_pr,
         "ratio_perturb_restore_over_copy": t_pr / t_copy,
+        "v1_perturb_restore_s": t_v1,
+        "v1_ratio_perturb_restore_over_copy": t_v1 / t_copy,
         "member_evaluation_s": t_eval,
         "perturb_restore_share_of_evaluation": perturb_restore_in_eval / t_eval,
     }
@@ -151,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:>5}: {r['parameters'] / 1e6:7.2f} M params | "
                 f"copy {r['copy_params_per_s'] / 1e6:9.1f} M/s | "
                 f"perturb+restore {r['perturb_restore_params_per_s'] / 1e6:8.1f} M/s | "
-                f"ratio {r['ratio_perturb_restore_over_copy']:5.1f}x | share of a member evaluation "
+                f"ratio {r['ratio_perturb_restore_over_copy']:5.2f}x "
+                f"(noise v1: {r['v1_ratio_perturb_restore_over_copy']:5.1f}x) | share of a member evaluation "
                 f"({args.prompts} prompts x {args.max_new_tokens} tokens, {r['member_evaluation_s']:.2f} s) "
                 f"{100 * r['perturb_restore_share_of_evaluation']:.1f}%"
             )

@@ -28,6 +28,7 @@ from train_scenarios import (
 import driver.trainer
 from driver import evaluate, train
 from shared.run_layout import read_jsonl
+from shared.seeds import NOISE_VERSION
 
 ENGINE_PEX = Path("src.engine/engine.pex")
 PEX_ROOT = ENGINE_PEX_ROOT
@@ -71,6 +72,11 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
         for key in ("reward_mean", "reward_std", "reward_max", "accuracy", "format"):
             assert math.isfinite(row[key]), (key, row)
         assert row["tokens"] > 0 and row["seconds"]["rollout"] > 0
+        # Every phase of bench/iteration_phases.py is measured inside the engines, and fits the iteration.
+        phases = [f"engine_{p}" for p in ("perturb", "generate", "score", "restore", "update", "fingerprint")]
+        assert all(row["seconds"][p] > 0 for p in phases), row["seconds"]
+        engines = config["num_engines"]
+        assert sum(row["seconds"][p] for p in phases) / engines < row["seconds"]["iteration"]
     # The members' rewards differ, so the weights move.
     assert any(r["reward_std"] > 0 for r in train_rows)
     assert len({r["fingerprint"] for r in train_rows}) > 1
@@ -80,6 +86,7 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     (session,) = manifest["sessions"]
     assert session["engine_pex"]["distributions"] > 100
+    assert session["noise_version"] == NOISE_VERSION
     assert len(session["engines"]) == 2
     for engine in session["engines"]:
         assert engine["packages"]["vllm-tpu"] == "0.32.0"

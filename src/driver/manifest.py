@@ -4,7 +4,7 @@ One session entry per start (a resumed run adds one): the git revision (and whet
 sha256 of the lockfiles found under 3rdparty/python/, the engine PEX's identity, the Python, Ray and
 package versions seen in the driver and inside every engine actor, and what every engine computes on
 (CPU model and instruction-set flags, torch's CPU kernel capability, thread counts, device), which decides
-whether two runs can be bit-identical.
+whether two runs can be bit-identical, and the noise version (`shared.seeds.NOISE_VERSION`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import ray
 
 from shared.lockfile import LOCKFILES_DIR
+from shared.seeds import NOISE_VERSION
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +94,7 @@ def session_entry(
         "git": git_revision(cwd),
         "lockfiles": lockfile_hashes(cwd),
         "engine_pex": engine_pex_identity(pex),
+        "noise_version": NOISE_VERSION,
         "driver": {
             "python": platform.python_version(),
             "executable": sys.executable,

@@ -76,6 +76,8 @@ MAX_RESTARTS_PER_ENGINE = 3
 # Seconds between checks for a stop request while waiting on engines (a signal handler runs only once the
 # wait returns).
 _POLL_S = 0.1
+# Seconds to wait for an engine's phase timings after an update (they are only metrics).
+_SECONDS_TIMEOUT_S = 5.0
 # Signals that stop a run cleanly (a second one aborts at once); exit status 128 + the signal's number.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -348,6 +350,20 @@ class Trainer:
         for i, e in dead:
             self._bring_up(i, f"died during apply_update ({type(e).__name__})")
 
+    def _take_update_seconds(self) -> dict[str, float]:
+        """Seconds the engines spent in `apply_update` since the last call, summed over engines:
+        {"update": s, "fingerprint": s}. An engine that does not answer within a few seconds counts 0."""
+        totals = {"update": 0.0, "fingerprint": 0.0}
+        refs = [h.take_update_seconds.remote() for h in self.pool.handles]
+        for ref in refs:
+            try:
+                seconds = ray.get(ref, timeout=_SECONDS_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue
+            for phase in totals:
+                totals[phase] += float(seconds.get(phase, 0.0))
+        return totals
+
     def _check_agreement(self, fingerprints: list[str | None], when: str) -> None:
         """Sets the run's fingerprint to the majority (ties: the lowest engine index) and resyncs the
         engines that differ."""
@@ -616,8 +632,9 @@ class Trainer:
         update_s = self._update_s = time.perf_counter() - started
         engine_seconds = {
             phase: float(sum(getattr(r.seconds, phase) for r in results))
-            for phase in ("perturb", "generate", "restore")
+            for phase in ("perturb", "generate", "restore", "score")
         }
+        engine_seconds.update(self._take_update_seconds())
         samples = [
             {
                 "kind": "train",

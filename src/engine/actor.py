@@ -53,6 +53,7 @@ class EngineActor:
         self.engine_id = engine_id
         self.backend: Backend | None = None
         self._backend_factory = backend_factory
+        self._update_seconds = {"update": 0.0, "fingerprint": 0.0}
 
     def module_versions(self, modules: tuple[str, ...] = REPORTED_MODULES) -> dict[str, str | None]:
         """Imports each module and returns module -> `__version__` as a plain str (None where it has none).
@@ -144,7 +145,9 @@ class EngineActor:
             start = time.perf_counter()
             backend.restore()
             restore_s = time.perf_counter() - start
+        start = time.perf_counter()
         scored = [reward(c.text, p.numbers, p.target) for p, c in zip(problems, completions, strict=True)]
+        score_s = time.perf_counter() - start
         return RolloutResult(
             rewards=[s.total for s in scored],
             answers=[s.answer for s in scored],
@@ -154,12 +157,25 @@ class EngineActor:
                 Sample(id=p.id, completion=c.text, reward=s.total)
                 for p, c, s in list(zip(problems, completions, scored, strict=True))[: request.num_samples]
             ],
-            seconds=RolloutSeconds(perturb=perturb_s, generate=generate_s, restore=restore_s),
+            seconds=RolloutSeconds(perturb=perturb_s, generate=generate_s, restore=restore_s, score=score_s),
         )
 
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
-        """Applies an ES update ((seed, coefficient) pairs); returns the new weights' fingerprint."""
-        return self._model().apply_update(pairs)
+        """Applies an ES update ((seed, coefficient) pairs); returns the new weights' fingerprint. The
+        seconds of each part add up in `take_update_seconds()`."""
+        backend = self._model()
+        start = time.perf_counter()
+        backend.update(pairs)
+        updated = time.perf_counter()
+        fingerprint = backend.fingerprint()
+        self._update_seconds["update"] += updated - start
+        self._update_seconds["fingerprint"] += time.perf_counter() - updated
+        return fingerprint
+
+    def take_update_seconds(self) -> dict[str, float]:
+        """{"update": s, "fingerprint": s} spent in `apply_update` since the last call; resets them."""
+        seconds, self._update_seconds = self._update_seconds, {"update": 0.0, "fingerprint": 0.0}
+        return seconds
 
     def fingerprint(self) -> str:
         """SHA-256 of the current weights (see `engine.backend.Backend.fingerprint`)."""

@@ -43,8 +43,11 @@ class Backend(Protocol):
     def restore(self) -> None:
         """Undoes `perturb` (exactly, in the restore modes that say so)."""
 
+    def update(self, pairs: list[tuple[int, float]]) -> None:
+        """theta += sum coefficient * eps(seed) over (seed, coefficient) pairs (Qiu et al. 2025, Alg. 1)."""
+
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
-        """theta += sum coefficient * eps(seed) over (seed, coefficient) pairs; returns `fingerprint()`."""
+        """`update(pairs)`, then returns `fingerprint()`."""
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the weights: equal on two engines exactly when they are bit-identical."""

@@ -134,9 +134,12 @@ class TransformersBackend:
     def restore(self) -> None:
         self.weights.restore()
 
-    def apply_update(self, pairs: list[tuple[int, float]]) -> str:
+    def update(self, pairs: list[tuple[int, float]]) -> None:
         self.weights.apply_update(pairs)
-        return self.weights.fingerprint()
+
+    def apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        self.update(pairs)
+        return self.fingerprint()
 
     def fingerprint(self) -> str:
         return self.weights.fingerprint()

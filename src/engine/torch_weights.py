@@ -1,9 +1,12 @@
 """ES weight operations on a torch model, in place: perturb, restore, apply_update, fingerprint.
 
-Noise (Qiu et al. 2025, Sec. 3): for member seed s and parameter p, eps = N(0, 1) float32 of p's shape,
-drawn by `torch.randn` from a `torch.Generator` on p's device seeded with `shared.seeds.noise_seed(s,
-p's name)`. It is therefore identical on every engine of the same device type and i.i.d. across
-parameters. Restoring (default) copies back from an float32 master copy of the base weights in host
+Noise (Qiu et al. 2025, Sec. 3), version `shared.seeds.NOISE_VERSION`: for member seed s and parameter p,
+eps = N(0, 1) float32 of p's shape with key `shared.seeds.noise_seed(s, p's name)`. On CPUs it is
+`engine.cpu_noise` (Philox4x32-10 and Box-Muller over each element's index), computed and added in one pass
+over the weights for float32 and bfloat16 parameters, with no noise tensor; on CUDA `torch.randn` from a
+`torch.Generator` seeded with the key. It is therefore identical on every engine of the same device type
+and i.i.d. across parameters; on CPUs it does not depend on the CPU model, instruction set or thread count.
+Restoring (default) copies back from an float32 master copy of the base weights in host
 memory, which is also where updates accumulate, so that updates of ~1e-5 (alpha = 5e-4 times shaped
 rewards) are not rounded away in bf16. The reference's subtract-to-restore (`p -= sigma * eps`) is kept
 as `restore_mode="subtract"`; in bf16 it drifts (measured by the tests and the benchmark).
@@ -22,8 +25,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
+from engine import cpu_noise
 from shared.protocol import RESTORE_MODES
 from shared.seeds import noise_seed
 
@@ -34,9 +39,26 @@ def noise_like(
     """The member's float32 noise for one parameter: shape `param.shape` (`param` may be a meta tensor),
     on `device` (default: the parameter's)."""
     device = param.device if device is None else torch.device(device)
+    key = noise_seed(member_seed, name)
+    if device.type == "cpu":
+        out = torch.empty(param.shape, dtype=torch.float32)
+        cpu_noise.fill_normal(out.numpy(), key, threads=torch.get_num_threads())
+        return out
     generator = torch.Generator(device=device)
-    generator.manual_seed(noise_seed(member_seed, name))
+    generator.manual_seed(key)
     return torch.randn(param.shape, generator=generator, dtype=torch.float32, device=device)
+
+
+def _cpu_array(tensor: torch.Tensor) -> np.ndarray | None:
+    """The array `engine.cpu_noise.add_normal` updates in place for `tensor` (its storage: float32 as is,
+    bfloat16 as uint16 bits), or None where the kernel does not apply (another device, dtype or layout)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    if tensor.dtype == torch.float32:
+        return tensor.detach().numpy()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.detach().view(torch.int16).numpy().view(np.uint16)
+    return None
 
 
 # noise(parameter name, parameter, member seed) -> float32 noise shaped and placed like the parameter.
@@ -55,18 +77,26 @@ class TorchWeights:
         noise: where a parameter's noise comes from; default `noise_like` of its name. vLLM workers,
             whose parameters are fused and sharded, pass `engine.vllm_layout.HFLayout.noise`: the noise of
             the checkpoint tensors, placed where vLLM keeps them.
+        noise_names: with `noise`, parameters whose noise is simply `noise_like` of another name
+            (parameter name -> that name; `HFLayout.direct`): they are perturbed in one pass on CPUs, as
+            without `noise`, instead of through a noise tensor.
 
     Raises:
         ValueError: unknown restore_mode.
     """
 
     def __init__(
-        self, model: torch.nn.Module, restore_mode: str = "master", noise: NoiseFn | None = None
+        self,
+        model: torch.nn.Module,
+        restore_mode: str = "master",
+        noise: NoiseFn | None = None,
+        noise_names: Mapping[str, str] | None = None,
     ) -> None:
         if restore_mode not in RESTORE_MODES:
             raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
         self.restore_mode = restore_mode
         self.noise_fn = noise
+        self.noise_names = dict(noise_names or {})
         self.params = dict(sorted(model.named_parameters()))
         pin = any(p.device.type == "cuda" for p in self.params.values())
         self.master = {}
@@ -96,6 +126,18 @@ class TorchWeights:
             return noise_like(p, seed, name)
         return self.noise_fn(name, p, seed)
 
+    def _add_noise(self, target: torch.Tensor, seed: int, name: str, scale: float) -> None:
+        """target <- target + scale * eps(seed, name) in place, `target` shaped like parameter `name`: the
+        product rounded to float32, the sum computed in float32 and rounded once to target's dtype. In one
+        pass on CPUs (engine.cpu_noise) where it applies, otherwise through a noise tensor; both round
+        identically, so the results are bit-identical."""
+        key_name = name if self.noise_fn is None else self.noise_names.get(name)
+        array = _cpu_array(target) if key_name is not None else None
+        if array is not None:
+            cpu_noise.add_normal(array, noise_seed(seed, key_name), scale, threads=torch.get_num_threads())
+        else:
+            target.copy_(self._noise(target, seed, name).mul_(scale).add_(target))
+
     @property
     def perturbed(self) -> bool:
         """True between `perturb` and `restore`."""
@@ -112,8 +154,7 @@ class TorchWeights:
             raise RuntimeError("weights are already perturbed; call restore() first")
         scale = float(sign) * float(sigma)
         for name, p in self.params.items():
-            # scale * eps + p in fp32, in the noise buffer (no other temporaries); rounded once to p.dtype.
-            p.copy_(self._noise(p, seed, name).mul_(scale).add_(p))
+            self._add_noise(p, seed, name, scale)
         self._active = (seed, scale)
 
     @torch.no_grad()
@@ -129,7 +170,7 @@ class TorchWeights:
             elif self.restore_mode == "device":
                 p.copy_(self.device_copy[name])
             else:
-                p.copy_(self._noise(p, seed, name).mul_(-scale).add_(p))
+                self._add_noise(p, seed, name, -scale)
         self._active = None
 
     @torch.no_grad()
@@ -146,7 +187,7 @@ class TorchWeights:
         for name, p in self.params.items():
             update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             for seed, coefficient in pairs:
-                update.add_(self._noise(p, seed, name), alpha=coefficient)
+                self._add_noise(update, seed, name, coefficient)
             self.master[name].add_(update.cpu())
             self._load_from_master(name, p)
 

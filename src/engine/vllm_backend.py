@@ -300,6 +300,10 @@ class VLLMBackend:
         """Undoes `perturb` on every worker."""
         self.llm.collective_rpc("es_restore")
 
+    def update(self, pairs: list[tuple[int, float]]) -> None:
+        """Applies the update ((seed, coefficient) pairs) on every worker."""
+        self.llm.collective_rpc("es_update", args=(pairs,))
+
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         """Applies the update ((seed, coefficient) pairs) on every worker; returns `fingerprint()`."""
         return combine(self.llm.collective_rpc("es_apply_update", args=(pairs,)))

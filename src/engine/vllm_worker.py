@@ -92,7 +92,9 @@ class TorchWorkerExtension:
             check_linear_reads_weights(model)
             self._es_repack = installed_mode() == "repack"
         self._es_layout = HFLayout(model, checkpoint_shapes(self.model_config.model))
-        self._es_weights = TorchWeights(model, restore_mode=restore_mode, noise=self._es_layout.noise)
+        self._es_weights = TorchWeights(
+            model, restore_mode=restore_mode, noise=self._es_layout.noise, noise_names=self._es_layout.direct
+        )
         return {
             "layout": "checkpoint",
             "cpu_linear": _cpu_linear_mode(),
@@ -119,10 +121,14 @@ class TorchWorkerExtension:
         self._es_weights.restore()
         self._es_changed()
 
-    def es_apply_update(self, pairs: list[tuple[int, float]]) -> str:
-        """`TorchWeights.apply_update`; returns this rank's fingerprint."""
+    def es_update(self, pairs: list[tuple[int, float]]) -> None:
+        """`TorchWeights.apply_update`."""
         self._es_weights.apply_update(pairs)
         self._es_changed()
+
+    def es_apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        """`es_update`; returns this rank's fingerprint."""
+        self.es_update(pairs)
         return self._es_weights.fingerprint()
 
     def es_fingerprint(self) -> str:
@@ -214,10 +220,14 @@ class JaxWorkerExtension:
         self._es_weights.restore()
         self._es_publish()
 
-    def es_apply_update(self, pairs: list[tuple[int, float]]) -> str:
-        """`JaxWeights.apply_update`, publishes the arrays; returns the fingerprint."""
+    def es_update(self, pairs: list[tuple[int, float]]) -> None:
+        """`JaxWeights.apply_update`, publishes the arrays."""
         self._es_weights.apply_update(pairs)
         self._es_publish()
+
+    def es_apply_update(self, pairs: list[tuple[int, float]]) -> str:
+        """`es_update`; returns the fingerprint."""
+        self.es_update(pairs)
         return self._es_weights.fingerprint()
 
     def es_fingerprint(self) -> str:

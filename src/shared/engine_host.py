@@ -181,6 +181,9 @@ class EngineHost:
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         return self._engine.apply_update(pairs)
 
+    def take_update_seconds(self) -> dict[str, float]:
+        return self._engine.take_update_seconds()
+
     def fingerprint(self) -> str:
         return self._engine.fingerprint()
 

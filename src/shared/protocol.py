@@ -43,7 +43,7 @@ REPORTED_DISTRIBUTIONS = (
     "transformers",
 )
 # Modules whose `__version__` the run manifest records from every engine (cheap imports: no TPU probing).
-REPORTED_MODULES = ("ray", "torch", "transformers", "numpy")
+REPORTED_MODULES = ("ray", "torch", "transformers", "numpy", "numba")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -162,11 +162,13 @@ class Sample:
 
 @dataclass(frozen=True)
 class RolloutSeconds:
-    """Wall-clock seconds of one rollout's phases inside the engine."""
+    """Wall-clock seconds of one rollout's phases inside the engine: `score` is the Countdown reward of
+    every completion."""
 
     perturb: float = 0.0
     generate: float = 0.0
     restore: float = 0.0
+    score: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,10 @@ class Engine(Protocol):
 
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         """theta += sum_i coefficient_i * eps(seed_i) over (seed, coefficient) pairs; the new fingerprint."""
+
+    def take_update_seconds(self) -> dict[str, float]:
+        """{"update": s, "fingerprint": s}: wall-clock seconds `apply_update` spent updating the weights and
+        fingerprinting them since the last call (which resets them)."""
 
     def fingerprint(self) -> str:
         """The current weights' fingerprint."""

@@ -21,11 +21,14 @@ from __future__ import annotations
 import hashlib
 
 SEED_BITS = 63
-# The version of the noise function: `noise_seed` below, then per parameter `torch.randn` from a generator
-# on the engine's device (engine.torch_weights.noise_like) or threefry normals (engine.jax_weights).
-# Every run's numbers depend on it; a checkpoint records it, and replaying a checkpoint's updates
-# (driver.checkpointing) refuses a different one. Change it with any change to the noise.
-NOISE_VERSION = 1
+# The version of the noise function: `noise_seed` below, then per parameter the normals of that key on the
+# engine's device: on CPUs Philox4x32-10 + Box-Muller over element indices (engine.cpu_noise), on CUDA
+# `torch.randn` from a seeded generator (engine.torch_weights.noise_like), on TPUs threefry normals
+# (engine.jax_weights). Every run's numbers depend on it; a checkpoint and the run manifest record it, and
+# replaying a checkpoint's updates (driver.checkpointing) refuses a different one. Change it with any change
+# to the noise. History: 1 = torch.randn on every torch device (CPU: Mersenne Twister, ~15x a weight copy);
+# 2 = engine.cpu_noise on CPUs (about 2x a weight copy; docs/measurements.md).
+NOISE_VERSION = 2
 
 
 def _hash(*parts: object) -> int:

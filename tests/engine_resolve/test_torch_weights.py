@@ -59,6 +59,30 @@ def test_perturb_then_restore_is_bit_identical(model_dir, dtype, restore_mode):
         assert bit_equal(snapshot(model), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_one_pass_cpu_kernel_equals_the_noise_tensor_path(model_dir, dtype):
+    # vLLM workers perturb through noise tensors (TorchWeights(noise=...)); the transformers backend
+    # through the in-place kernel. Both must give bit-identical weights: perturb, subtract, update.
+    def noise(name, p, seed):
+        return noise_like(p, seed, name)
+
+    fused = TorchWeights(load(model_dir, dtype), restore_mode="subtract")
+    tensors = TorchWeights(load(model_dir, dtype), restore_mode="subtract", noise=noise)
+    # With noise_names, half of the parameters take the one-pass kernel again (as vLLM's direct ones do).
+    names = sorted(fused.params)[::2]
+    mixed = TorchWeights(
+        load(model_dir, dtype), restore_mode="subtract", noise=noise, noise_names={n: n for n in names}
+    )
+    every = (fused, tensors, mixed)
+    for weights in every:
+        weights.perturb(11, 0.01)
+    assert len({w.fingerprint() for w in every}) == 1
+    for weights in every:
+        weights.restore()
+        weights.apply_update([(1, 2e-3), (2, -1e-3), (3, 5e-4)])
+    assert len({w.fingerprint() for w in every}) == 1
+
+
 def test_subtract_restore_drifts_in_bf16_and_the_drift_is_measured(model_dir):
     model = load(model_dir, torch.bfloat16)
     weights, base = TorchWeights(model, restore_mode="subtract"), snapshot(model)
