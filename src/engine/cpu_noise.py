@@ -249,6 +249,13 @@ def _flat(array: np.ndarray, dtypes: tuple[type, ...]) -> np.ndarray:
     return array.reshape(-1)
 
 
+def warm_up() -> None:
+    """Compiles the kernels for float32 and bfloat16 now (a few seconds each the first time on a machine,
+    then loaded from numba's cache), so that the first perturbation is not the one that pays for it."""
+    _run(np.zeros(5, np.float32), 0, 0.0, None)
+    _run(np.zeros(5, np.uint16), 0, 0.0, None)
+
+
 def fill_normal(out: np.ndarray, key: int, threads: int | None = None) -> None:
     """Writes the noise of `key` into `out` (float32, C-contiguous, any shape; element i of its row-major
     order gets noise element i), on `threads` threads (default: numba's).

@@ -99,6 +99,8 @@ class TorchWeights:
         self.noise_names = dict(noise_names or {})
         self.params = dict(sorted(model.named_parameters()))
         pin = any(p.device.type == "cuda" for p in self.params.values())
+        if any(p.device.type == "cpu" for p in self.params.values()):
+            cpu_noise.warm_up()
         self.master = {}
         for name, p in self.params.items():
             master = p.detach().to(device="cpu", dtype=torch.float32, copy=True)
