@@ -38,6 +38,11 @@ import numpy as np
 from numba import prange
 from numba.extending import overload
 
+# numba's own thread pool, never its OpenMP layer: that one shares the process's OpenMP state with torch's
+# kernels and left torch's matmuls on every core in engines given one (measured: two engines on 2 cores, the
+# default run's iterations grew from 6 s to 40 s). Set before any parallel kernel runs in the process.
+numba.config.THREADING_LAYER = "workqueue"
+
 _f32 = np.float32
 _u32 = np.uint32
 _u64 = np.uint64
@@ -224,8 +229,8 @@ def philox4x32(counter, key):
     return np.array([c0, c1, c2, c3], dtype=np.uint32)
 
 
-# numba's default threading layer (workqueue) aborts the process when two threads launch parallel kernels
-# at once; engines are single-threaded today, and this keeps it so.
+# The workqueue layer aborts the process when two threads launch parallel kernels at once; engines call
+# these from one thread today, and this keeps it so.
 _LOCK = threading.Lock()
 
 

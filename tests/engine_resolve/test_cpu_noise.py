@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -103,6 +104,14 @@ def test_in_place_update_rounds_exactly_as_torch(dtype):
         weights.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
         expected.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
     )
+
+
+def test_kernels_run_on_numbas_own_threads_and_leave_torchs_alone():
+    threads = torch.get_num_threads()
+    cpu_noise.add_normal(np.zeros(4096, np.float32), 5, 0.1, threads=1)
+    # Not OpenMP, whose state torch's kernels share (engines with one CPU ran matmuls on every core).
+    assert numba.threading_layer() == "workqueue"
+    assert torch.get_num_threads() == threads
 
 
 def test_bad_arrays_and_keys_are_refused():
