@@ -77,9 +77,10 @@ class TorchWeights:
         noise: where a parameter's noise comes from; default `noise_like` of its name. vLLM workers,
             whose parameters are fused and sharded, pass `engine.vllm_layout.HFLayout.noise`: the noise of
             the checkpoint tensors, placed where vLLM keeps them.
-        noise_names: with `noise`, parameters whose noise is simply `noise_like` of another name
-            (parameter name -> that name; `HFLayout.direct`): they are perturbed in one pass on CPUs, as
-            without `noise`, instead of through a noise tensor.
+        noise_slices: with `noise`, parameters whose noise is `noise_like` of other names placed whole
+            on contiguous flat ranges, zero elsewhere (parameter name -> [(name, offset, count)];
+            `HFLayout.slices`): they are perturbed in one pass on CPUs, slice by slice, as without
+            `noise`, instead of through a noise tensor.
 
     Raises:
         ValueError: unknown restore_mode.
@@ -90,13 +91,13 @@ class TorchWeights:
         model: torch.nn.Module,
         restore_mode: str = "master",
         noise: NoiseFn | None = None,
-        noise_names: Mapping[str, str] | None = None,
+        noise_slices: Mapping[str, list[tuple[str, int, int]]] | None = None,
     ) -> None:
         if restore_mode not in RESTORE_MODES:
             raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
         self.restore_mode = restore_mode
         self.noise_fn = noise
-        self.noise_names = dict(noise_names or {})
+        self.noise_slices = dict(noise_slices or {})
         self.params = dict(sorted(model.named_parameters()))
         pin = any(p.device.type == "cuda" for p in self.params.values())
         if any(p.device.type == "cpu" for p in self.params.values()):
@@ -133,10 +134,17 @@ class TorchWeights:
         product rounded to float32, the sum computed in float32 and rounded once to target's dtype. In one
         pass on CPUs (engine.cpu_noise) where it applies, otherwise through a noise tensor; both round
         identically, so the results are bit-identical."""
-        key_name = name if self.noise_fn is None else self.noise_names.get(name)
-        array = _cpu_array(target) if key_name is not None else None
+        slices = [(name, 0, target.numel())] if self.noise_fn is None else self.noise_slices.get(name)
+        array = _cpu_array(target) if slices is not None else None
         if array is not None:
-            cpu_noise.add_normal(array, noise_seed(seed, key_name), scale, threads=torch.get_num_threads())
+            flat = array.reshape(-1)
+            for key_name, offset, count in slices:
+                cpu_noise.add_normal(
+                    flat[offset : offset + count],
+                    noise_seed(seed, key_name),
+                    scale,
+                    threads=torch.get_num_threads(),
+                )
         else:
             target.copy_(self._noise(target, seed, name).mul_(scale).add_(target))
 

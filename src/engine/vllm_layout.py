@@ -75,6 +75,11 @@ class HFLayout:
         direct: vLLM parameter name -> checkpoint name, for parameters that hold one checkpoint tensor
             element for element (checked by loading its element indices): their noise is `noise_like`
             itself, without a scratch tensor to load it through.
+        slices: vLLM parameter name -> [(checkpoint name, offset, count)], for parameters where every
+            checkpoint tensor loaded into them lands whole, in order, on the contiguous flat elements
+            [offset, offset + count) (fused q/k/v and gate/up projections, the padded vocabulary, and the
+            `direct` ones, at tensor parallelism 1); the rest of such a parameter (padding) has no
+            noise. `TorchWeights(noise_slices=...)` perturbs them in place, slice by slice.
 
     Raises:
         LayoutError: a checkpoint tensor is loaded into more than one parameter, or a parameter has a
@@ -111,6 +116,11 @@ class HFLayout:
             single = len(names) == 1 and tuple(param.shape) == self.shapes[names[0]]
             if single and self._is_identity(names[0], param):
                 self.direct[target] = names[0]
+        self.slices: dict[str, list[tuple[str, int, int]]] = {}
+        for target, names in self.sources.items():
+            spans = [self._span(name) for name in names]
+            if all(span is not None for span in spans):
+                self.slices[target] = [(name, *span) for name, span in zip(names, spans, strict=True)]
 
     # ---- the wrapped loaders -------------------------------------------------------------------------
 
@@ -183,6 +193,20 @@ class HFLayout:
         with self._wrapped(names=[self.routes[name]]), _quiet("vllm.model_executor.models.utils"):
             self._load(name, index, probe)
         return probe
+
+    def _span(self, name: str) -> tuple[int, int] | None:
+        """(offset, count) when checkpoint tensor `name` lands whole and in order on the flat elements
+        [offset, offset + count) of its parameter, else None."""
+        positions = self._positions(name).reshape(-1)
+        count = int(torch.Size(self.shapes[name]).numel())
+        filled = torch.nonzero(positions).reshape(-1)
+        if filled.numel() != count:
+            return None
+        offset = int(filled[0]) if count else 0
+        expected = torch.arange(1, count + 1, dtype=torch.float64, device=positions.device)
+        if not torch.equal(positions[offset : offset + count], expected):
+            return None
+        return offset, count
 
     def _is_identity(self, name: str, param: torch.Tensor) -> bool:
         """True when the model loads checkpoint tensor `name` into `param` element for element."""

@@ -93,7 +93,7 @@ class TorchWorkerExtension:
             self._es_repack = installed_mode() == "repack"
         self._es_layout = HFLayout(model, checkpoint_shapes(self.model_config.model))
         self._es_weights = TorchWeights(
-            model, restore_mode=restore_mode, noise=self._es_layout.noise, noise_names=self._es_layout.direct
+            model, restore_mode=restore_mode, noise=self._es_layout.noise, noise_slices=self._es_layout.slices
         )
         return {
             "layout": "checkpoint",

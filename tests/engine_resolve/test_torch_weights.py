@@ -68,11 +68,9 @@ def test_the_one_pass_cpu_kernel_equals_the_noise_tensor_path(model_dir, dtype):
 
     fused = TorchWeights(load(model_dir, dtype), restore_mode="subtract")
     tensors = TorchWeights(load(model_dir, dtype), restore_mode="subtract", noise=noise)
-    # With noise_names, half of the parameters take the one-pass kernel again (as vLLM's direct ones do).
-    names = sorted(fused.params)[::2]
-    mixed = TorchWeights(
-        load(model_dir, dtype), restore_mode="subtract", noise=noise, noise_names={n: n for n in names}
-    )
+    # With noise_slices, half of the parameters take the one-pass kernel again (as vLLM's do).
+    slices = {n: [(n, 0, p.numel())] for n, p in sorted(fused.params.items())[::2]}
+    mixed = TorchWeights(load(model_dir, dtype), restore_mode="subtract", noise=noise, noise_slices=slices)
     every = (fused, tensors, mixed)
     for weights in every:
         weights.perturb(11, 0.01)

@@ -102,6 +102,12 @@ def test_checkpoint_tensors_are_routed_into_vllms_fused_parameters(vllm_model, m
     assert {attention + "o_proj.weight", "model.norm.weight"} <= set(layout.direct)
     fused_or_padded = {attention + "qkv_proj.weight", "model.embed_tokens.weight"}
     assert not fused_or_padded & set(layout.direct)
+    # At tensor parallelism 1 every checkpoint tensor lands whole on a contiguous range of its parameter
+    # (q, k and v one after another in qkv_proj), so every parameter is perturbed in place.
+    assert set(layout.slices) == set(layout.sources)
+    qkv = sorted(layout.slices[attention + "qkv_proj.weight"], key=lambda s: s[1])
+    assert [name for name, _, _ in qkv] == [attention + f"{x}_proj.weight" for x in "qkv"]
+    assert [offset for _, offset, _ in qkv] == [0, qkv[0][2], qkv[0][2] + qkv[1][2]]
     # The loaders are vLLM's own again afterwards.
     assert all(
         getattr(p, "weight_loader", None) is None or "vllm_layout" not in p.weight_loader.__qualname__
