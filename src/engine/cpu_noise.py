@@ -196,7 +196,9 @@ def _add_scaled_impl(x, i, z, scale):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _add(x, k0, k1, scale, threads):
+def _add(x, keys, scales, threads):
+    """x <- x + scales[k] * noise(keys[k]) for k = 0, 1, ... in turn, chunk by chunk: a chunk of x stays in
+    the L1 cache through every term, so x is read and written once whatever the number of terms."""
     n = x.size
     nblocks = (n + 3) // 4
     nchunks = (nblocks + _BLOCKS - 1) // _BLOCKS
@@ -207,18 +209,20 @@ def _add(x, k0, k1, scale, threads):
         for c in range(task * nchunks // ntasks, (task + 1) * nchunks // ntasks):
             b0 = c * _BLOCKS
             nb = min(_BLOCKS, nblocks - b0)
-            _chunk(b0, nb, k0, k1, words, normals)
             base = 4 * b0
-            if base + 4 * nb <= n:
-                for j in range(nb):
-                    i = base + 4 * j
-                    _add_scaled(x, i, normals[0, j], scale)
-                    _add_scaled(x, i + 1, normals[1, j], scale)
-                    _add_scaled(x, i + 2, normals[2, j], scale)
-                    _add_scaled(x, i + 3, normals[3, j], scale)
-            else:  # the last block is partial
-                for o in range(n - base):
-                    _add_scaled(x, base + o, normals[o % 4, o // 4], scale)
+            for k in range(keys.shape[0]):
+                scale = scales[k]
+                _chunk(b0, nb, keys[k, 0], keys[k, 1], words, normals)
+                if base + 4 * nb <= n:
+                    for j in range(nb):
+                        i = base + 4 * j
+                        _add_scaled(x, i, normals[0, j], scale)
+                        _add_scaled(x, i + 1, normals[1, j], scale)
+                        _add_scaled(x, i + 2, normals[2, j], scale)
+                        _add_scaled(x, i + 3, normals[3, j], scale)
+                else:  # the last block is partial
+                    for o in range(n - base):
+                        _add_scaled(x, base + o, normals[o % 4, o // 4], scale)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -234,12 +238,14 @@ def philox4x32(counter, key):
 _LOCK = threading.Lock()
 
 
-def _run(flat: np.ndarray, key: int, scale: float, threads: int | None) -> None:
-    k0, k1 = _key(key)
+def _run(flat: np.ndarray, keys: list[int], scales: list[float], threads: int | None) -> None:
+    if len(keys) != len(scales):
+        raise ValueError(f"{len(keys)} noise keys but {len(scales)} scales")
+    key_words = np.array([_key(key) for key in keys], dtype=np.uint32).reshape(len(keys), 2)
     with _LOCK:
         if threads is not None:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        _add(flat, k0, k1, np.float32(scale), numba.get_num_threads())
+        _add(flat, key_words, np.asarray(scales, dtype=np.float32), numba.get_num_threads())
 
 
 def _key(key: int) -> tuple[np.uint32, np.uint32]:
@@ -257,8 +263,8 @@ def _flat(array: np.ndarray, dtypes: tuple[type, ...]) -> np.ndarray:
 def warm_up() -> None:
     """Compiles the kernels for float32 and bfloat16 now (a few seconds each the first time on a machine,
     then loaded from numba's cache), so that the first perturbation is not the one that pays for it."""
-    _run(np.zeros(5, np.float32), 0, 0.0, None)
-    _run(np.zeros(5, np.uint16), 0, 0.0, None)
+    _run(np.zeros(5, np.float32), [0], [0.0], None)
+    _run(np.zeros(5, np.uint16), [0], [0.0], None)
 
 
 def fill_normal(out: np.ndarray, key: int, threads: int | None = None) -> None:
@@ -270,7 +276,7 @@ def fill_normal(out: np.ndarray, key: int, threads: int | None = None) -> None:
     """
     flat = _flat(out, (np.float32,))
     flat.fill(-0.0)  # z * 1 + (-0.0) == z for every z, signed zeros included
-    _run(flat, key, 1.0, threads)
+    _run(flat, [key], [1.0], threads)
 
 
 def add_normal(x: np.ndarray, key: int, scale: float, threads: int | None = None) -> None:
@@ -282,4 +288,14 @@ def add_normal(x: np.ndarray, key: int, scale: float, threads: int | None = None
     Raises:
         ValueError: `x` is not a C-contiguous float32 or uint16 array, or `key` is not in [0, 2**64).
     """
-    _run(_flat(x, (np.float32, np.uint16)), key, scale, threads)
+    add_normals(x, [key], [scale], threads)
+
+
+def add_normals(x: np.ndarray, keys: list[int], scales: list[float], threads: int | None = None) -> None:
+    """`add_normal(x, keys[k], scales[k])` for k = 0, 1, ... in turn (the same roundings, the same result),
+    in one pass over `x`: an ES update, sum_k c_k * eps_k, costs one read and write of `x` whatever N.
+
+    Raises:
+        ValueError: as `add_normal`, or `keys` and `scales` differ in length.
+    """
+    _run(_flat(x, (np.float32, np.uint16)), keys, scales, threads)

@@ -50,7 +50,7 @@ def noise_like(
 
 
 def _cpu_array(tensor: torch.Tensor) -> np.ndarray | None:
-    """The array `engine.cpu_noise.add_normal` updates in place for `tensor` (its storage: float32 as is,
+    """The array `engine.cpu_noise.add_normals` updates in place for `tensor` (its storage: float32 as is,
     bfloat16 as uint16 bits), or None where the kernel does not apply (another device, dtype or layout)."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
@@ -129,23 +129,22 @@ class TorchWeights:
             return noise_like(p, seed, name)
         return self.noise_fn(name, p, seed)
 
-    def _add_noise(self, target: torch.Tensor, seed: int, name: str, scale: float) -> None:
-        """target <- target + scale * eps(seed, name) in place, `target` shaped like parameter `name`: the
-        product rounded to float32, the sum computed in float32 and rounded once to target's dtype. In one
-        pass on CPUs (engine.cpu_noise) where it applies, otherwise through a noise tensor; both round
-        identically, so the results are bit-identical."""
+    def _add_noise(self, target: torch.Tensor, name: str, terms: list[tuple[int, float]]) -> None:
+        """target <- target + scale * eps(seed, name) for each (seed, scale) of `terms` in turn, in place;
+        `target` is shaped like parameter `name`. Each term: the product rounded to float32, the sum
+        computed in float32 and rounded once to target's dtype. In one pass on CPUs (engine.cpu_noise)
+        where it applies, otherwise through a noise tensor per term; both round identically, so the
+        results are bit-identical."""
         slices = [(name, 0, target.numel())] if self.noise_fn is None else self.noise_slices.get(name)
         array = _cpu_array(target) if slices is not None else None
         if array is not None:
             flat = array.reshape(-1)
+            scales = [scale for _, scale in terms]
             for key_name, offset, count in slices:
-                cpu_noise.add_normal(
-                    flat[offset : offset + count],
-                    noise_seed(seed, key_name),
-                    scale,
-                    threads=torch.get_num_threads(),
-                )
-        else:
+                keys = [noise_seed(seed, key_name) for seed, _ in terms]
+                cpu_noise.add_normals(flat[offset : offset + count], keys, scales, torch.get_num_threads())
+            return
+        for seed, scale in terms:
             target.copy_(self._noise(target, seed, name).mul_(scale).add_(target))
 
     @property
@@ -164,7 +163,7 @@ class TorchWeights:
             raise RuntimeError("weights are already perturbed; call restore() first")
         scale = float(sign) * float(sigma)
         for name, p in self.params.items():
-            self._add_noise(p, seed, name, scale)
+            self._add_noise(p, name, [(seed, scale)])
         self._active = (seed, scale)
 
     @torch.no_grad()
@@ -180,7 +179,7 @@ class TorchWeights:
             elif self.restore_mode == "device":
                 p.copy_(self.device_copy[name])
             else:
-                self._add_noise(p, seed, name, -scale)
+                self._add_noise(p, name, [(seed, -scale)])
         self._active = None
 
     @torch.no_grad()
@@ -196,8 +195,7 @@ class TorchWeights:
         pairs = [(int(s), float(c)) for s, c in pairs]
         for name, p in self.params.items():
             update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            for seed, coefficient in pairs:
-                self._add_noise(update, seed, name, coefficient)
+            self._add_noise(update, name, pairs)
             self.master[name].add_(update.cpu())
             self._load_from_master(name, p)
 

@@ -106,6 +106,18 @@ def test_in_place_update_rounds_exactly_as_torch(dtype):
     )
 
 
+def test_a_sum_of_terms_in_one_pass_equals_the_terms_one_by_one():
+    keys, scales = [3, 1 << 40, 12345], [1e-3, -2e-3, 5e-4]
+    one_by_one = np.linspace(-1, 1, 10_003, dtype=np.float32)
+    one_pass = one_by_one.copy()
+    for key, scale in zip(keys, scales, strict=True):
+        cpu_noise.add_normal(one_by_one, key, scale)
+    cpu_noise.add_normals(one_pass, keys, scales)
+    assert np.array_equal(one_pass, one_by_one)
+    with pytest.raises(ValueError, match="3 noise keys but 2 scales"):
+        cpu_noise.add_normals(one_pass, keys, scales[:2])
+
+
 def test_kernels_run_on_numbas_own_threads_and_leave_torchs_alone():
     threads = torch.get_num_threads()
     cpu_noise.add_normal(np.zeros(4096, np.float32), 5, 0.1, threads=1)
