@@ -195,34 +195,48 @@ def _add_scaled_impl(x, i, z, scale):
     return impl
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _add(x, keys, scales, threads):
-    """x <- x + scales[k] * noise(keys[k]) for k = 0, 1, ... in turn, chunk by chunk: a chunk of x stays in
-    the L1 cache through every term, so x is read and written once whatever the number of terms."""
+@numba.njit(inline="always")
+def _add_task(x, keys, scales, task, ntasks):
+    """x <- x + scales[k] * noise(keys[k]) for k = 0, 1, ... in turn, on the chunks of task `task` of
+    `ntasks`: a chunk of x stays in the L1 cache through every term, so x is read and written once."""
     n = x.size
     nblocks = (n + 3) // 4
     nchunks = (nblocks + _BLOCKS - 1) // _BLOCKS
-    ntasks = min(nchunks, 4 * threads)  # a few tasks per thread, for balance
+    words = np.empty((4, _BLOCKS), np.uint32)
+    normals = np.empty((4, _BLOCKS), np.float32)
+    for c in range(task * nchunks // ntasks, (task + 1) * nchunks // ntasks):
+        b0 = c * _BLOCKS
+        nb = min(_BLOCKS, nblocks - b0)
+        base = 4 * b0
+        for k in range(keys.shape[0]):
+            scale = scales[k]
+            _chunk(b0, nb, keys[k, 0], keys[k, 1], words, normals)
+            if base + 4 * nb <= n:
+                for j in range(nb):
+                    i = base + 4 * j
+                    _add_scaled(x, i, normals[0, j], scale)
+                    _add_scaled(x, i + 1, normals[1, j], scale)
+                    _add_scaled(x, i + 2, normals[2, j], scale)
+                    _add_scaled(x, i + 3, normals[3, j], scale)
+            else:  # the last block is partial
+                for o in range(n - base):
+                    _add_scaled(x, base + o, normals[o % 4, o // 4], scale)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _add_parallel(x, keys, scales, ntasks):
     for task in prange(ntasks):
-        words = np.empty((4, _BLOCKS), np.uint32)
-        normals = np.empty((4, _BLOCKS), np.float32)
-        for c in range(task * nchunks // ntasks, (task + 1) * nchunks // ntasks):
-            b0 = c * _BLOCKS
-            nb = min(_BLOCKS, nblocks - b0)
-            base = 4 * b0
-            for k in range(keys.shape[0]):
-                scale = scales[k]
-                _chunk(b0, nb, keys[k, 0], keys[k, 1], words, normals)
-                if base + 4 * nb <= n:
-                    for j in range(nb):
-                        i = base + 4 * j
-                        _add_scaled(x, i, normals[0, j], scale)
-                        _add_scaled(x, i + 1, normals[1, j], scale)
-                        _add_scaled(x, i + 2, normals[2, j], scale)
-                        _add_scaled(x, i + 3, normals[3, j], scale)
-                else:  # the last block is partial
-                    for o in range(n - base):
-                        _add_scaled(x, base + o, normals[o % 4, o // 4], scale)
+        _add_task(x, keys, scales, task, ntasks)
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_serial(x, keys, scales):
+    _add_task(x, keys, scales, 0, 1)
+
+
+# Elements x terms below which one thread does the work: starting numba's threads costs ~75 us, as much
+# as ~80 k elements of noise on one core (a small model's parameters are mostly smaller).
+_PARALLEL_MIN = 1 << 17
 
 
 @numba.njit(nogil=True, cache=True)
@@ -234,24 +248,31 @@ def philox4x32(counter, key):
 
 
 # The workqueue layer aborts the process when two threads launch parallel kernels at once; engines call
-# these from one thread today, and this keeps it so.
+# these from one thread today, and this keeps it so (the serial kernel needs no lock).
 _LOCK = threading.Lock()
 
 
 def _run(flat: np.ndarray, keys: list[int], scales: list[float], threads: int | None) -> None:
+    # Per call (perturbing a small model is hundreds of calls), so no more Python than needed.
     if len(keys) != len(scales):
         raise ValueError(f"{len(keys)} noise keys but {len(scales)} scales")
-    key_words = np.array([_key(key) for key in keys], dtype=np.uint32).reshape(len(keys), 2)
+    try:
+        key_array = np.array(keys, dtype=np.uint64)
+    except OverflowError:
+        raise ValueError(f"noise keys must be unsigned 64-bit ints, got {keys}") from None
+    # (low, high) 32-bit words of each key: a little-endian uint64 viewed as two uint32.
+    key_words = key_array.astype("<u8", copy=False).view("<u4").reshape(len(keys), 2)
+    scale_array = np.array(scales, dtype=np.float32)
+    if threads == 1 or flat.size * len(keys) < _PARALLEL_MIN:
+        _add_serial(flat, key_words, scale_array)
+        return
     with _LOCK:
-        if threads is not None:
+        if threads is not None and threads != numba.get_num_threads():
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        _add(flat, key_words, np.asarray(scales, dtype=np.float32), numba.get_num_threads())
-
-
-def _key(key: int) -> tuple[np.uint32, np.uint32]:
-    if not 0 <= key < 2**64:
-        raise ValueError(f"noise key must be an unsigned 64-bit int, got {key}")
-    return np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
+        # A few tasks per thread, for balance.
+        _add_parallel(
+            flat, key_words, scale_array, min(max(1, flat.size // 1024), 4 * numba.get_num_threads())
+        )
 
 
 def _flat(array: np.ndarray, dtypes: tuple[type, ...]) -> np.ndarray:
@@ -263,8 +284,9 @@ def _flat(array: np.ndarray, dtypes: tuple[type, ...]) -> np.ndarray:
 def warm_up() -> None:
     """Compiles the kernels for float32 and bfloat16 now (a few seconds each the first time on a machine,
     then loaded from numba's cache), so that the first perturbation is not the one that pays for it."""
-    _run(np.zeros(5, np.float32), [0], [0.0], None)
-    _run(np.zeros(5, np.uint16), [0], [0.0], None)
+    for dtype in (np.float32, np.uint16):
+        _run(np.zeros(5, dtype), [0], [0.0], 1)  # serial
+        _run(np.zeros(_PARALLEL_MIN, dtype), [0], [0.0], None)  # parallel
 
 
 def fill_normal(out: np.ndarray, key: int, threads: int | None = None) -> None:

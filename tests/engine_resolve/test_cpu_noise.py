@@ -57,15 +57,15 @@ def test_each_element_follows_the_definition_to_float32_accuracy():
 
 def test_element_i_depends_only_on_the_key_and_i():
     key = 77
-    long, short = np.empty(100_003, np.float32), np.empty(13, np.float32)
+    long, short = np.empty(300_007, np.float32), np.empty(13, np.float32)
     cpu_noise.fill_normal(long, key)
     cpu_noise.fill_normal(short, key)
     assert np.array_equal(short, long[:13])  # a partial last block is the prefix of a longer one
-    one, two = np.empty(100_003, np.float32), np.empty(100_003, np.float32)
-    cpu_noise.fill_normal(one, key, threads=1)
-    cpu_noise.fill_normal(two, key, threads=2)
+    one, two = np.empty(300_007, np.float32), np.empty(300_007, np.float32)
+    cpu_noise.fill_normal(one, key, threads=1)  # the serial kernel
+    cpu_noise.fill_normal(two, key, threads=2)  # the parallel one (large enough)
     assert np.array_equal(one, long) and np.array_equal(two, long)
-    other = np.empty(100_003, np.float32)
+    other = np.empty(300_007, np.float32)
     cpu_noise.fill_normal(other, key + 1)
     assert abs(np.corrcoef(other, long)[0, 1]) < 0.02
 
@@ -120,7 +120,7 @@ def test_a_sum_of_terms_in_one_pass_equals_the_terms_one_by_one():
 
 def test_kernels_run_on_numbas_own_threads_and_leave_torchs_alone():
     threads = torch.get_num_threads()
-    cpu_noise.add_normal(np.zeros(4096, np.float32), 5, 0.1, threads=1)
+    cpu_noise.add_normal(np.zeros(1 << 18, np.float32), 5, 0.1, threads=2)  # parallel
     # Not OpenMP, whose state torch's kernels share (engines with one CPU ran matmuls on every core).
     assert numba.threading_layer() == "workqueue"
     assert torch.get_num_threads() == threads
@@ -133,3 +133,5 @@ def test_bad_arrays_and_keys_are_refused():
         cpu_noise.add_normal(np.empty((4, 4), np.float32)[:, ::2], 1, 0.1)
     with pytest.raises(ValueError, match="64-bit"):
         cpu_noise.fill_normal(np.empty(8, np.float32), -1)
+    with pytest.raises(ValueError, match="64-bit"):
+        cpu_noise.add_normal(np.empty(8, np.float32), 2**64, 0.1)
