@@ -18,12 +18,14 @@ known-answer vectors in the tests); Box-Muller is Box & Muller 1958. `log`, `sin
 single-precision minimax polynomials (S. Moshier, Cephes Math Library: logf.c, sinf.c, cosf.c) evaluated
 with IEEE-754 float32 additions, multiplications and a square root only: every step is correctly rounded
 and nothing is left to a math library or to the compiler (no fast-math, no fused multiply-add), so the
-noise is bit-identical on every x86-64 and ARM CPU, with or without AVX-512, whatever thread count.
+noise does not depend on the instruction set, the thread count or the numba version (measured: code
+generated for AVX-512, AVX2 and SSE2, and numba 0.62 and 0.65, give the same bits).
 
 Because every element is a pure function of (K, i), the kernels generate and apply the noise in one pass
-over the weights, on every core (numba `prange`), with no noise tensor in memory: perturbing reads and
-writes each weight once, which is what makes perturb + restore cost a few plain copies instead of the
-~15x of `torch.randn` (docs/measurements.md, `bench:perturb_throughput`).
+over the weights, on every core (numba `prange`; one thread for small tensors), with no noise tensor in
+memory: perturbing reads and writes each weight once. At 98 M parameters on 2 cores perturb + restore
+costs ~4.5x a plain copy against ~12x for per-parameter `torch.randn` (noise version 1); generating the
+normals is what remains (docs/measurements.md, `bench:perturb_throughput`).
 
 All arrays are 1-D and C-contiguous; bfloat16 weights are passed as their uint16 bit patterns and rounded
 from float32 to nearest-even, as torch rounds (NaN and infinity are not expected in weights).
@@ -40,7 +42,7 @@ from numba.extending import overload
 
 # numba's own thread pool, never its OpenMP layer: that one shares the process's OpenMP state with torch's
 # kernels and left torch's matmuls on every core in engines given one (measured: two engines on 2 cores, the
-# default run's iterations grew from 6 s to 40 s). Set before any parallel kernel runs in the process.
+# default run's iterations grew from 2 s to 15-40 s). Set before any parallel kernel runs in the process.
 numba.config.THREADING_LAYER = "workqueue"
 
 _f32 = np.float32
