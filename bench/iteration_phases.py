@@ -9,8 +9,10 @@ once per configuration, then splits each iteration's wall-clock seconds (metrics
   perturb, generate, score, restore   inside the engines, per member (`RolloutSeconds`);
   update, fingerprint                 inside the engines, per update (`take_update_seconds`);
   checkpoint                          the driver's checkpoint of that iteration (if one was due);
-  scheduling and Ray                  the rest: dispatching members, waiting on the slowest engine,
-                                      serialization, the driver's own work (strategy, metrics).
+  scheduling and Ray                  the rest: dispatching members, serialization, the driver's own
+                                      work (strategy, metrics), and the engines' imbalance: members
+                                      generate different numbers of tokens, so one engine finishes its
+                                      share first and waits for the others.
 
 Engine phases are summed over members and divided by the number of engines, which run in parallel, so each
 is the wall-clock time it takes out of the iteration when the engines are evenly loaded. Shares are of the

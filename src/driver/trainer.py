@@ -76,8 +76,8 @@ MAX_RESTARTS_PER_ENGINE = 3
 # Seconds between checks for a stop request while waiting on engines (a signal handler runs only once the
 # wait returns).
 _POLL_S = 0.1
-# Rollouts queued on each engine: with one, an engine idles while the driver collects its result and
-# sends the next member (~3 ms a member, 7% of the default run's iterations); two hide that.
+# Rollouts queued on each engine: with one, an engine idles between members while the driver collects a
+# result and sends the next (a round trip, longer across nodes than on one machine); two hide that.
 _IN_FLIGHT = 2
 # Seconds to wait for an engine's phase timings after an update (they are only metrics).
 _SECONDS_TIMEOUT_S = 5.0
