@@ -108,19 +108,20 @@ class HFLayout:
         self.sources: dict[str, list[str]] = {}
         for name, target in routes.items():
             self.sources.setdefault(target, []).append(name)
-        # Parameters that hold exactly one checkpoint tensor, unchanged (not fused, sharded or padded):
-        # their noise is drawn directly in place of being loaded into a scratch tensor.
-        self.direct: dict[str, str] = {}
-        for target, names in self.sources.items():
-            param = self.params[target]
-            single = len(names) == 1 and tuple(param.shape) == self.shapes[names[0]]
-            if single and self._is_identity(names[0], param):
-                self.direct[target] = names[0]
         self.slices: dict[str, list[tuple[str, int, int]]] = {}
         for target, names in self.sources.items():
             spans = [self._span(name) for name in names]
             if all(span is not None for span in spans):
                 self.slices[target] = [(name, *span) for name, span in zip(names, spans, strict=True)]
+        # Parameters that hold exactly one checkpoint tensor, unchanged (not fused, sharded or padded):
+        # their noise is drawn directly in place of being loaded into a scratch tensor.
+        self.direct: dict[str, str] = {
+            target: placed[0][0]
+            for target, placed in self.slices.items()
+            if len(placed) == 1
+            and placed[0][1:] == (0, self.params[target].numel())
+            and tuple(self.params[target].shape) == self.shapes[placed[0][0]]
+        }
 
     # ---- the wrapped loaders -------------------------------------------------------------------------
 
@@ -207,11 +208,6 @@ class HFLayout:
         if not torch.equal(positions[offset : offset + count], expected):
             return None
         return offset, count
-
-    def _is_identity(self, name: str, param: torch.Tensor) -> bool:
-        """True when the model loads checkpoint tensor `name` into `param` element for element."""
-        expected = torch.arange(1, param.numel() + 1, dtype=torch.float64, device=param.device)
-        return bool(torch.equal(self._positions(name).reshape(-1), expected))
 
     # ---- the operations -------------------------------------------------------------------------------
 

@@ -26,8 +26,9 @@ SEED_BITS = 63
 # `torch.randn` from a seeded generator (engine.torch_weights.noise_like), on TPUs threefry normals
 # (engine.jax_weights). Every run's numbers depend on it; a checkpoint and the run manifest record it, and
 # replaying a checkpoint's updates (driver.checkpointing) refuses a different one. Change it with any change
-# to the noise. History: 1 = torch.randn on every torch device (CPU: Mersenne Twister, ~15x a weight copy);
-# 2 = engine.cpu_noise on CPUs (about 2x a weight copy; docs/measurements.md).
+# to the noise. History: 1 = torch.randn on every torch device; 2 = engine.cpu_noise on CPUs (perturb +
+# restore at 98 M parameters on 2 cores ~4.5x a weight copy, against ~12x for version 1 in the same run;
+# docs/measurements.md) and an update's terms added one by one, each product rounded before its sum.
 NOISE_VERSION = 2
 
 
