@@ -12,7 +12,6 @@ Malformed input raises CountdownDataError naming the file, the row and the field
 from __future__ import annotations
 
 import hashlib
-import json
 import operator
 import random
 from collections.abc import Iterable, Sequence
@@ -20,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from driver.datafiles import DatasetError, read_json, read_jsonl
 from shared.countdown import CountdownProblem, make_prompt
 from shared.run_layout import write_json_atomic
 
@@ -30,7 +30,7 @@ SIZES = (3, 4)
 _OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 
-class CountdownDataError(ValueError):
+class CountdownDataError(DatasetError):
     """A Countdown data file or row is malformed; the message names the file, row and field."""
 
 
@@ -78,13 +78,6 @@ def _require(row: Any, where: str, *fields: str) -> dict:
     return row
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CountdownDataError(f"{path}: not valid JSON: {e}") from e
-
-
 def parse_reference_rows(rows: Any, source: str) -> list[CountdownProblem]:
     """Parses rows of the reference format (see module docstring). `source` names the origin in errors."""
     if not isinstance(rows, list):
@@ -116,10 +109,20 @@ def parse_reference_rows(rows: Any, source: str) -> list[CountdownProblem]:
     return problems
 
 
+def _countdown_error(read: Any, path: Path) -> Any:
+    """`read(path)`, its DatasetError raised as CountdownDataError (same message)."""
+    try:
+        return read(path)
+    except CountdownDataError:
+        raise
+    except DatasetError as e:
+        raise CountdownDataError(str(e)) from e
+
+
 def load_reference(path: str | Path) -> list[CountdownProblem]:
     """Loads a reference-format JSON file (e.g. the ES paper's countdown training split)."""
     path = Path(path)
-    return parse_reference_rows(_read_json(path), str(path))
+    return parse_reference_rows(_countdown_error(read_json, path), str(path))
 
 
 def _hf_rows(path: Path) -> Iterable[Any]:
@@ -132,16 +135,9 @@ def _hf_rows(path: Path) -> Iterable[Any]:
         except Exception as e:  # pyarrow raises several unrelated types for a bad file
             raise CountdownDataError(f"{path}: not a readable Parquet file: {e}") from e
     if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise CountdownDataError(f"{path}: line {number + 1}: not valid JSON: {e}") from e
-        return rows
+        return _countdown_error(read_jsonl, path)
     if suffix == ".json":
-        rows = _read_json(path)
+        rows = _countdown_error(read_json, path)
         if not isinstance(rows, list):
             raise CountdownDataError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
         return rows

@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 
 from driver.checkpointing import Anchor, CheckpointError, Restore, restore_plan
-from driver.countdown_data import CountdownDataError
+from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
 from driver.engine_pool import EnginePreflightError, EngineStartError
+from driver.task_data import load_problems
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, prepare_engines
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
-from driver.trainer import EngineSyncError, Trainer, load_problems
+from driver.trainer import EngineSyncError, Trainer
 from shared.run_layout import (
     ES_STATE,
     FULL,
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--eval-size: {config.eval_size} leaves no held-out problems to evaluate; pass "
                 "--eval-size N with N > 0"
             )
-    except (ConfigError, CountdownDataError, CheckpointError, RunDirError, OSError, ValueError) as e:
+    except (ConfigError, DatasetError, CheckpointError, RunDirError, OSError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_INVALID
     try:
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(
         f"{checkpoint}: accuracy {result['accuracy']:.4f} on {result['problems']} held-out problems, "
-        f"mean reward {result['reward_mean']:.4f}, format {result['format']:.4f} "
-        f"(weights {result['fingerprint'][:16]})"
+        f"mean reward {result['reward_mean']:.4f}, "
+        + "".join(f"{name} {result[name]:.4f}, " for name in problems.task.components)
+        + f"(weights {result['fingerprint'][:16]})"
     )
     if saved is not None:
         out = checkpoint_files(checkpoint).eval

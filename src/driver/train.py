@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from driver.checkpointing import CheckpointError
-from driver.countdown_data import CountdownDataError
+from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError, resolve_engine_pex
 from driver.engine_pool import (
     EnginePreflightError,
@@ -32,7 +32,7 @@ from driver.engine_pool import (
     preflight,
 )
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
-from driver.trainer import EngineSyncError, Trainer, load_problems, open_run
+from driver.trainer import EngineSyncError, Trainer, open_run
 from shared.run_layout import RunDir, RunDirError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
         config, given = config_from_args(args)
         if config.output_dir is None:
             config = TrainConfig(**{**config.to_dict(), "output_dir": default_output_dir()})
-        problems = load_problems(config)
-        config, resume_state = open_run(config, problems, given)
-    except (ConfigError, CountdownDataError, RunDirError) as e:
+        config, problems, resume_state = open_run(config, given)
+    except (ConfigError, DatasetError, RunDirError) as e:
         print(f"train: {e}", file=sys.stderr)
         return EXIT_INVALID
     try:

@@ -32,6 +32,7 @@ from shared.engine_pex import (
     pex_path,
 )
 from shared.protocol import CPU_LINEAR_MODES, DTYPES, PACKAGED_MODELS, RESTORE_MODES
+from shared.tasks import TASKS, CountdownTask, TaskError, load_task
 
 # Where the engines run: "cpu" and "cuda" (transformers on CPUs or CUDA GPUs), "vllm" (GPUs, TPUs or CPUs).
 BACKENDS = ("cpu", "cuda", "vllm")
@@ -140,14 +141,27 @@ class TrainConfig:
     prompts_per_member: int = _opt(16, "Countdown problems each member is scored on per iteration", "prompts")
     max_new_tokens: int = _opt(128, "completion length limit", "tokens")
     batch_size: int = _opt(16, "prompts per generation batch inside an engine", "prompts")
-    # Data.
+    # Task and data.
+    task: str = _opt(
+        "countdown",
+        f"what rollouts are scored on (shared.tasks): {', '.join(TASKS)}, or package.module:Class for a "
+        "shared.tasks.Task in the source tree (e.g. src/tasks/), which both PEX files then hold",
+    )
+    chat_template: bool | None = _opt(
+        None,
+        "render prompts through the model's chat template (instruct models); default: the task's "
+        "(countdown: off, the reference prompt is raw text; conciseness: on)",
+    )
     dataset: str = _opt(
         "generated",
         "Countdown source: generated (no files), reference (the ES paper's "
-        "JSON) or hf (Countdown-Tasks-3to4 rows: .json/.jsonl/.parquet)",
+        "JSON) or hf (Countdown-Tasks-3to4 rows: .json/.jsonl/.parquet); other tasks: generated "
+        "(their default data) unless --dataset-path names a JSONL file",
         choices=DATASETS,
     )
-    dataset_path: str | None = _opt(None, "file of the reference or hf dataset")
+    dataset_path: str | None = _opt(
+        None, "file of the reference or hf dataset; for other tasks a JSONL file of their rows"
+    )
     train_size: int = _opt(200, "generated problems for training (dataset=generated only)", "problems")
     eval_size: int = _opt(64, "held-out problems for greedy evaluation, taken out of the dataset", "problems")
     seed: int = _opt(0, "root seed of members, prompt batches, generated data and the split")
@@ -231,6 +245,12 @@ class TrainConfig:
             object.__setattr__(self, "sigma", TINY_SIGMA if tiny else PAPER_SIGMA)
         if self.alpha is None:
             object.__setattr__(self, "alpha", TINY_ALPHA if tiny else PAPER_ALPHA)
+        try:
+            task = load_task(self.task)
+        except TaskError as e:
+            raise ConfigError(str(e)) from e
+        if self.chat_template is None:
+            object.__setattr__(self, "chat_template", task.chat_template)
         self._check_values()
         self._check_es_and_data()
         self._check_model_and_engines()
@@ -292,11 +312,17 @@ class TrainConfig:
         """The population against antithetic sampling; the dataset options together."""
         if self.antithetic and self.population % 2:
             raise ConfigError(f"--population: must be even with --antithetic, got {self.population}")
-        if self.dataset != "generated" and not self.dataset_path:
+        if self.task != CountdownTask.name:
+            if self.dataset != "generated":
+                raise ConfigError(
+                    f"--dataset: {self.dataset} is a Countdown source; task {self.task} reads its default "
+                    "data, or a JSONL file given with --dataset-path"
+                )
+        elif self.dataset != "generated" and not self.dataset_path:
             raise ConfigError(f"--dataset-path: required with --dataset {self.dataset}")
-        if self.dataset == "generated" and self.dataset_path:
+        if self.task == CountdownTask.name and self.dataset == "generated" and self.dataset_path:
             raise ConfigError("--dataset-path: only with --dataset reference or hf (generated needs no file)")
-        if self.dataset == "generated" and self.train_size < self.prompts_per_member:
+        if not self.dataset_path and self.train_size < self.prompts_per_member:
             raise ConfigError(
                 f"--train-size: must be >= --prompts-per-member ({self.prompts_per_member}), "
                 f"got {self.train_size}"

@@ -12,7 +12,8 @@ does not depend on the failure: every member's evaluation is deterministic (seed
 exact restore). When its node died, Ray places the new actor on the remaining capacity; when there is
 none within the engine start timeout, the run writes a checkpoint and stops with a message saying so.
 
-Evaluation is greedy accuracy (answer reward 1) on the held-out split, unperturbed, before training,
+Evaluation is the greedy reward and accuracy (the task's accuracy component; Countdown: answer reward 1)
+on the held-out split, unperturbed, before training,
 every `eval_every` iterations and at the end. Checkpoints (`driver.checkpointing`: compact, or full every
 `full_checkpoint_every` iterations) are written every `checkpoint_every` iterations, at the end, and when
 the run is stopped by SIGTERM or Ctrl-C. A stop writes a compact checkpoint of the last finished
@@ -24,7 +25,6 @@ and Ray ends the driver when its raylet is gone), then finishes the current iter
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import signal
 import threading
@@ -32,7 +32,7 @@ import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,11 @@ from driver.checkpointing import (
     prune,
     restore_plan,
 )
-from driver.countdown_data import CountdownDataError, generate, load_hf, load_reference, split
 from driver.engine_pool import EnginePool, EngineSpec, EngineStartError
 from driver.manifest import session_entry
 from driver.strategy import Strategy
-from driver.train_config import ConfigError, TrainConfig, merge_for_resume
-from shared.countdown import CountdownProblem
+from driver.task_data import Problems, load_problems, prompt_batch
+from driver.train_config import TrainConfig, merge_for_resume
 from shared.protocol import (
     REPORTED_DISTRIBUTIONS,
     REPORTED_MODULES,
@@ -66,7 +65,7 @@ from shared.protocol import (
     VLLMOptions,
 )
 from shared.run_layout import COMPACT, FULL, RunDir, RunDirError, checkpoint_files, write_json_atomic
-from shared.seeds import prompt_rank
+from shared.tasks import mean_components
 
 # Warm-start steps of the tiny default model: measured, 55 steps leave it between not answering in the
 # task's format and always doing so, where perturbed members' rewards differ (40: never, 80: always).
@@ -94,74 +93,23 @@ class EngineSyncError(RuntimeError):
     """Engines disagree on the weights and could not be resynced."""
 
 
-@dataclass(frozen=True)
-class Problems:
-    """The run's Countdown problems: `train` for member rewards, `eval` held out for evaluation."""
-
-    train: list[CountdownProblem]
-    eval: list[CountdownProblem]
-
-    def digest(self) -> str:
-        """SHA-256 over the problems (ids, prompts, numbers, targets) of both splits, in order."""
-        rows = [
-            [[p.id, p.prompt, list(p.numbers), p.target] for p in part] for part in (self.train, self.eval)
-        ]
-        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def load_problems(config: TrainConfig) -> Problems:
-    """The configured dataset, split into train and eval (`countdown_data.split`, seeded by config.seed).
-
-    Raises:
-        CountdownDataError: the dataset file is missing or malformed (naming file, row and field).
-        ConfigError: the split leaves fewer training problems than --prompts-per-member.
-    """
-    if config.dataset == "generated":
-        problems = generate(config.train_size + config.eval_size, seed=config.seed)
-    else:
-        path = Path(config.dataset_path)
-        if not path.is_file():
-            raise CountdownDataError(f"--dataset-path: {path}: no such file")
-        problems = load_reference(path) if config.dataset == "reference" else load_hf(path)
-    if config.eval_size > len(problems):
-        raise ConfigError(
-            f"--eval-size: {config.eval_size} exceeds the {len(problems)} problems of the dataset"
-        )
-    try:
-        train, held_out = split(problems, config.eval_size, seed=config.seed)
-    except ValueError as e:
-        raise CountdownDataError(f"{config.dataset_path or 'generated data'}: {e}") from e
-    if len(train) < config.prompts_per_member:
-        raise ConfigError(
-            f"--prompts-per-member: {config.prompts_per_member} exceeds the {len(train)} training problems "
-            f"left after holding out --eval-size {config.eval_size}"
-        )
-    return Problems(train=train, eval=held_out)
-
-
-def prompt_batch(
-    train: list[CountdownProblem], root_seed: int, iteration: int, size: int
-) -> list[CountdownProblem]:
-    """The `size` training problems of `iteration`: those with the smallest `prompt_rank`, in rank order."""
-    return sorted(train, key=lambda p: prompt_rank(root_seed, iteration, p.id))[:size]
-
-
 # Called after each member result: (trainer, iteration, member index, engine index).
 MemberHook = Callable[["Trainer", int, int, int], None]
 
 
-def open_run(
-    config: TrainConfig, problems: Problems, given: set[str] | None = None
-) -> tuple[TrainConfig, dict | None]:
-    """Checks the output directory for a new or resumed run, before anything starts.
+def open_run(config: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfig, Problems, dict | None]:
+    """Checks the output directory for a new or resumed run and loads the run's problems
+    (`driver.task_data.load_problems`), before anything starts. A resumed run's problems come from its
+    saved config (task, dataset, split), so a plain `--resume --output-dir DIR` finds them.
 
     Returns:
-        (config, resume_state): for --resume the saved config merged with the allowed overrides
+        (config, problems, resume_state): for --resume the saved config merged with the allowed overrides
         (`merge_for_resume`) and the es_state.json of the last checkpoint (None if it has none yet).
 
     Raises:
         RunDirError: a new run where one exists, or --resume where none exists, or another dataset.
         ConfigError: --resume with options that differ from the saved run's.
+        DatasetError: the dataset is missing or malformed.
     """
     run_dir = RunDir(config.output_dir)
     if not config.resume:
@@ -170,7 +118,7 @@ def open_run(
                 f"--output-dir: {run_dir.root} already holds a run; pass --resume to continue it "
                 "or choose another --output-dir"
             )
-        return config, None
+        return config, load_problems(config), None
     if not run_dir.has_run():
         raise RunDirError(f"--resume: {run_dir.root} holds no run (no config.json)")
     try:
@@ -178,16 +126,17 @@ def open_run(
     except (OSError, json.JSONDecodeError) as e:
         raise RunDirError(f"--resume: {run_dir.config} is unreadable: {e}") from e
     config = merge_for_resume(saved, config, given or set(), str(run_dir.config))
+    problems = load_problems(config)
     latest = run_dir.latest_checkpoint()
     if latest is None:
-        return config, None
+        return config, problems, None
     state = run_dir.read_checkpoint_state(latest[1])
     if state.get("problems_digest") != problems.digest():
         raise RunDirError(
             f"--resume: the dataset differs from the one {latest[1]} was trained on (problems digest "
             "mismatch); resume with the same dataset file"
         )
-    return config, state
+    return config, problems, state
 
 
 class Trainer:
@@ -506,7 +455,8 @@ class Trainer:
         """Greedy, unperturbed scores on the held-out split, spread over the engines in batches.
 
         Returns:
-            {"accuracy": share of answer reward 1, "reward_mean", "format", "tokens", "problems": int,
+            {"accuracy": mean of the task's accuracy component (Countdown: answer reward 1), "reward_mean",
+            each of the task's components' mean, "tokens", "problems": int,
             "samples": first completions}.
         """
         problems = self.problems.eval
@@ -514,16 +464,20 @@ class Trainer:
             return {"problems": 0}
         size = self.config.batch_size
         chunks = [problems[i : i + size] for i in range(0, len(problems), size)]
-        request = RolloutRequest(max_new_tokens=self.config.max_new_tokens, num_samples=1)
+        request = RolloutRequest(
+            max_new_tokens=self.config.max_new_tokens,
+            task=self.config.task,
+            chat_template=self.config.chat_template,
+            num_samples=1,
+        )
         tasks = [(chunk, request) for chunk in chunks]
         with tqdm(total=len(tasks), desc=bar_desc, leave=False, disable=not self.config.progress) as bar:
             results = self._rollouts(tasks, bar, lambda task, engine: None)
-        answers = [a for r in results for a in r.answers]
+        rewards = [x for r in results for x in r.rewards]
         return {
-            "problems": len(answers),
-            "accuracy": float(np.mean(answers)),
-            "reward_mean": float(np.mean([x for r in results for x in r.rewards])),
-            "format": float(np.mean([x for r in results for x in r.formats])),
+            "problems": len(rewards),
+            "reward_mean": float(np.mean(rewards)),
+            **mean_components(self.problems.task, [r.components for r in results]),
             "tokens": int(sum(r.tokens for r in results)),
             "samples": [asdict(s) for r in results for s in r.samples][: self.config.samples_per_iteration],
         }
@@ -541,7 +495,8 @@ class Trainer:
         self.run_dir.append_jsonl(
             self.run_dir.samples, [{"kind": "eval", "updates": updates, **s} for s in result["samples"]]
         )
-        self._scalars("eval", {"accuracy": result["accuracy"], "reward_mean": result["reward_mean"]}, updates)
+        names = ("reward_mean", "accuracy", *self.problems.task.components)
+        self._scalars("eval", {name: result[name] for name in names}, updates)
         tqdm.write(
             f"eval after {updates:4d} updates: accuracy {result['accuracy']:.3f} on {result['problems']} "
             f"held-out problems, reward {result['reward_mean']:.3f} ({seconds:.1f} s)"
@@ -604,6 +559,8 @@ class Trainer:
                 batch_ref,
                 RolloutRequest(
                     max_new_tokens=config.max_new_tokens,
+                    task=config.task,
+                    chat_template=config.chat_template,
                     member=Member(seed=m.seed, sign=m.sign, sigma=config.sigma),
                     batch_size=config.batch_size,
                     num_samples=1,
@@ -662,8 +619,7 @@ class Trainer:
             "reward_std": float(rewards.std()),
             "reward_max": float(rewards.max()),
             "reward_min": float(rewards.min()),
-            "accuracy": float(np.mean([a for r in results for a in r.answers])),
-            "format": float(np.mean([f for r in results for f in r.formats])),
+            **mean_components(self.problems.task, [r.components for r in results]),
             "tokens": int(sum(r.tokens for r in results)),
             "fingerprint": self.fingerprint,
             "seconds": {
@@ -747,7 +703,8 @@ class Trainer:
         tqdm.write(
             f"iteration {row['iteration']:4d}: reward mean {row['reward_mean']:.4f} "
             f"max {row['reward_max']:.4f}, "
-            f"accuracy {row['accuracy']:.3f}, format {row['format']:.3f}, {row['tokens']} tokens, "
+            + "".join(f"{name} {row[name]:.3f}, " for name in self.problems.task.components)
+            + f"{row['tokens']} tokens, "
             f"{row['seconds']['iteration']:.1f} s"
         )
 

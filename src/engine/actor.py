@@ -2,7 +2,7 @@
 
 It runs in the engine PEX's environment (vLLM, JAX, libtpu, torch, transformers). The driver reaches it
 only through the host's Ray actor methods, sending `shared.protocol` requests (seeds, scalars,
-`shared.countdown.CountdownProblem` records) and receiving its results. The model and its weight
+the problem records of a `shared.tasks.Task`) and receiving its results. The model and its weight
 operations live in one backend (`engine.backend.Backend`): transformers or vLLM.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 
 from engine.backend import Backend, open_backend
 from engine.machine import machine_report
-from shared.countdown import CountdownProblem, reward
 from shared.protocol import (
     REPORTED_MODULES,
     CheckpointResult,
@@ -28,6 +27,7 @@ from shared.protocol import (
     Sample,
 )
 from shared.run_layout import atomic_dir, checkpoint_files
+from shared.tasks import load_task
 
 
 def _quiet_transformers() -> None:
@@ -39,7 +39,7 @@ def _quiet_transformers() -> None:
 
 
 class EngineActor:
-    """One rollout engine: a model, its in-place ES weight operations, and Countdown scoring.
+    """One rollout engine: a model, its in-place ES weight operations, and the tasks' scoring.
 
     Args:
         engine_id: index of this engine in the pool (0-based), used in logs and reports.
@@ -123,13 +123,21 @@ class EngineActor:
             raise RuntimeError(f"engine {self.engine_id}: no model loaded; call load_model first")
         return self.backend
 
-    def evaluate(self, problems: list[CountdownProblem], request: RolloutRequest) -> RolloutResult:
-        """Scores the model on `problems`, perturbed by `request.member` if given.
+    def evaluate(self, problems: list[Any], request: RolloutRequest) -> RolloutResult:
+        """Scores the model on `problems` of `request.task`, perturbed by `request.member` if given.
 
-        Perturbs in place, generates greedily, scores each completion with the Countdown reward, and
-        restores the weights (also when generation fails).
+        Renders the prompts (through the chat template if `request.chat_template`), perturbs in place,
+        generates greedily, restores the weights (also when generation fails), and scores each completion
+        with the task's reward.
+
+        Raises:
+            shared.tasks.TaskError: the task cannot be loaded in this engine PEX.
         """
         backend = self._model()
+        task = load_task(request.task)
+        prompts = [task.prompt(p) for p in problems]
+        if request.chat_template:
+            prompts = backend.chat_prompts(prompts)
         member = request.member
         start = time.perf_counter()
         if member is not None:
@@ -137,21 +145,18 @@ class EngineActor:
         perturb_s = time.perf_counter() - start
         try:
             start = time.perf_counter()
-            completions = backend.generate(
-                [p.prompt for p in problems], request.max_new_tokens, request.batch_size
-            )
+            completions = backend.generate(prompts, request.max_new_tokens, request.batch_size)
             generate_s = time.perf_counter() - start
         finally:
             start = time.perf_counter()
             backend.restore()
             restore_s = time.perf_counter() - start
         start = time.perf_counter()
-        scored = [reward(c.text, p.numbers, p.target) for p, c in zip(problems, completions, strict=True)]
+        scored = [task.reward(p, c.text, c.finished) for p, c in zip(problems, completions, strict=True)]
         score_s = time.perf_counter() - start
         return RolloutResult(
             rewards=[s.total for s in scored],
-            answers=[s.answer for s in scored],
-            formats=[s.format for s in scored],
+            components={name: [s.components[name] for s in scored] for name in task.components},
             tokens=sum(c.num_tokens for c in completions),
             samples=[
                 Sample(id=p.id, completion=c.text, reward=s.total)

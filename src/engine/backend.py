@@ -37,6 +37,10 @@ class Backend(Protocol):
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[Completion]:
         """Greedy completions of `prompts`, in order, at most `max_new_tokens` tokens each."""
 
+    def chat_prompts(self, prompts: list[str]) -> list[str]:
+        """Each prompt as one user message in the model's chat template, ending with the generation
+        prompt (`chat_prompt`). Raises ValueError when the tokenizer has no chat template."""
+
     def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
         """theta <- theta + sign * sigma * eps(seed), in place (Qiu et al. 2025, Alg. 1)."""
 
@@ -65,6 +69,21 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Frees the backend's processes and memory now; it is unusable afterwards."""
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """`prompt` as one user message in `tokenizer`'s chat template (transformers'
+    `apply_chat_template`, with the generation prompt), as text.
+
+    Raises:
+        ValueError: the tokenizer has no chat template (e.g. the tiny test model; run with
+            --no-chat-template).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the model's tokenizer has no chat template; run with --no-chat-template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def open_backend(request: LoadRequest) -> Backend:

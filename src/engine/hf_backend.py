@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.backend import Completion
+from engine.backend import Completion, chat_prompt
 from engine.torch_weights import TorchWeights
 from shared.protocol import CheckpointResult, LoadRequest
 from shared.run_layout import CheckpointFiles, atomic_dir
@@ -127,6 +127,9 @@ class TransformersBackend:
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[Completion]:
         return self.generator.generate(prompts, max_new_tokens, batch_size)
+
+    def chat_prompts(self, prompts: list[str]) -> list[str]:
+        return [chat_prompt(self.generator.tokenizer, p) for p in prompts]
 
     def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
         self.weights.perturb(seed, sigma, sign)

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.backend import Completion
+from engine.backend import Completion, chat_prompt
 from engine.hf_backend import use_deterministic_cublas
 from shared.protocol import CPU_LINEAR_MODES, CheckpointResult, LoadRequest
 from shared.run_layout import MASTER, CheckpointFiles, atomic_dir
@@ -291,6 +291,11 @@ class VLLMBackend:
                 )
             )
         return completions
+
+    def chat_prompts(self, prompts: list[str]) -> list[str]:
+        """Each prompt in the chat template of vLLM's tokenizer (`engine.backend.chat_prompt`)."""
+        tokenizer = self.llm.get_tokenizer()
+        return [chat_prompt(tokenizer, p) for p in prompts]
 
     def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
         """theta <- theta + sign * sigma * eps(seed) on every worker."""

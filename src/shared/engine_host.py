@@ -18,7 +18,6 @@ import platform
 import sys
 from typing import Any
 
-from shared.countdown import CountdownProblem
 from shared.protocol import (
     REPORTED_MODULES,
     CheckpointResult,
@@ -175,7 +174,7 @@ class EngineHost:
     def load_model(self, request: LoadRequest) -> LoadResult:
         return self._engine.load_model(request)
 
-    def evaluate(self, problems: list[CountdownProblem], request: RolloutRequest) -> RolloutResult:
+    def evaluate(self, problems: list[Any], request: RolloutRequest) -> RolloutResult:
         return self._engine.evaluate(problems, request)
 
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:

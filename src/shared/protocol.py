@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.countdown import CountdownProblem
-
 # How `Weights.restore` undoes a perturbation (engine.torch_weights): "master" copies back from an fp32
 # host copy (exact), "subtract" subtracts the noise again, "device" keeps the copy in device memory.
 RESTORE_MODES = ("master", "subtract", "device")
@@ -140,12 +138,18 @@ class RolloutRequest:
 
     Attributes:
         max_new_tokens: tokens generated per problem at most (greedy decoding).
+        task: the task whose prompts and reward are used (`shared.tasks.load_task`: "countdown",
+            "conciseness" or "package.module:Class").
+        chat_template: render each prompt through the model's chat template (one user message and the
+            generation prompt) instead of giving the raw text.
         member: the perturbation to score, or None for the unperturbed weights.
         batch_size: prompts per generate call of the transformers backend (vLLM schedules its own).
         num_samples: completions returned as `Sample`s (the first ones).
     """
 
     max_new_tokens: int
+    task: str = "countdown"
+    chat_template: bool = False
     member: Member | None = None
     batch_size: int = 16
     num_samples: int = 2
@@ -153,7 +157,7 @@ class RolloutRequest:
 
 @dataclass(frozen=True)
 class Sample:
-    """One completion: the problem's id, the generated text and its Countdown reward."""
+    """One completion: the problem's id, the generated text and its task reward (total)."""
 
     id: int | str
     completion: str
@@ -162,8 +166,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class RolloutSeconds:
-    """Wall-clock seconds of one rollout's phases inside the engine: `score` is the Countdown reward of
-    every completion."""
+    """Wall-clock seconds of one rollout's phases inside the engine: `score` is the task reward of every
+    completion."""
 
     perturb: float = 0.0
     generate: float = 0.0
@@ -173,13 +177,12 @@ class RolloutSeconds:
 
 @dataclass(frozen=True)
 class RolloutResult:
-    """Scores of one rollout, per problem in request order (`shared.countdown.reward`): `rewards` (total),
-    `answers` (answer part, 0 or 1), `formats` (format part); `tokens` generated in all; the first
-    `samples`; and the phases' `seconds`."""
+    """Scores of one rollout, per problem in request order (`shared.tasks.Task.reward`): `rewards` (the
+    totals), `components` (component name -> per-problem values, the task's `components`); `tokens`
+    generated in all; the first `samples`; and the phases' `seconds`."""
 
     rewards: list[float]
-    answers: list[float]
-    formats: list[float]
+    components: dict[str, list[float]]
     tokens: int
     samples: list[Sample]
     seconds: RolloutSeconds
@@ -222,9 +225,10 @@ class Engine(Protocol):
 
         Raises: OSError (model files missing), ValueError (master or setting does not match)."""
 
-    def evaluate(self, problems: list[CountdownProblem], request: RolloutRequest) -> RolloutResult:
-        """Perturbs by `request.member` (if any), generates greedily, scores with the Countdown reward and
-        restores the weights exactly (also when generation fails). Raises RuntimeError without a model."""
+    def evaluate(self, problems: list[Any], request: RolloutRequest) -> RolloutResult:
+        """Perturbs by `request.member` (if any), generates greedily, scores with `request.task`'s reward
+        and restores the weights exactly (also when generation fails). Raises RuntimeError without a
+        model, `shared.tasks.TaskError` for a task this engine PEX does not hold."""
 
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         """theta += sum_i coefficient_i * eps(seed_i) over (seed, coefficient) pairs; the new fingerprint."""
