@@ -19,6 +19,8 @@ def engine_pex(name, resolve, dependencies=(), **kwargs):
         dependencies=[
             f"src/engine:lib@resolve={resolve}",
             f"src/shared:shared@resolve={resolve}",
+            # Users' own tasks (--task tasks.MODULE:CLASS): the engines score with them.
+            f"src/tasks:tasks@resolve={resolve}",
             f"3rdparty/python:{resolve}",
             *dependencies,
         ],

