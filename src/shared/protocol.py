@@ -13,7 +13,7 @@ digests (64 characters) of the weights' bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 # How `Weights.restore` undoes a perturbation (engine.torch_weights): "master" copies back from an fp32
@@ -148,6 +148,7 @@ class RolloutRequest:
     """
 
     max_new_tokens: int
+    _: KW_ONLY  # the rest by name: a positional `member` once became `task` and failed only in the engine
     task: str = "countdown"
     chat_template: bool = False
     member: Member | None = None
