@@ -82,6 +82,7 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
     assert len({r["fingerprint"] for r in train_rows}) > 1
     assert read_jsonl(out / "samples.jsonl")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "reward.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "the run's reward curve"
 
     manifest = json.loads((out / "manifest.json").read_text())
     (session,) = manifest["sessions"]
@@ -131,7 +132,9 @@ def test_a_compact_checkpoint_replays_to_the_weights_the_run_had(reference_run, 
     assert evaluate.main([str(checkpoint), *common, "--pex-root", PEX_ROOT, "--no-progress"]) == 0
     rows = read_jsonl(reference_run / "metrics.jsonl")
     after_2 = next(r for r in rows if r["kind"] == "train" and r["iteration"] == 1)
-    assert f"(weights {after_2['fingerprint'][:16]})" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"(weights {after_2['fingerprint'][:16]})" in printed
+    assert f"wrote {reference_run / 'reward.png'}" in printed, "evaluate redraws the run's curve with it"
     result = json.loads((checkpoint / "eval.json").read_text())
     assert result["fingerprint"] == after_2["fingerprint"]
     eval_2 = next(r for r in rows if r["kind"] == "eval" and r["updates"] == 2)

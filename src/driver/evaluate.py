@@ -2,9 +2,11 @@
 
 CHECKPOINT is a checkpoint directory of a run (OUTPUT_DIR/checkpoints/iter-NNNNNN; a compact one is
 restored by replaying its updates, see driver.checkpointing) or any Hugging Face model directory. For a
-checkpoint, the run's config.json supplies the dataset, the held-out split and the
-generation settings, so the figure is comparable with the run's own eval rows; the options (the same as
-`train`'s) override them. The result is printed and, for a checkpoint, written to CHECKPOINT/eval.json.
+checkpoint, the run's config.json supplies the task, the dataset, the held-out split and the generation
+settings, so the figure is comparable with the run's own eval rows; the options (the same as `train`'s,
+`--task` and `--dataset-path` among them) override them, so any checkpoint can be scored on any split.
+The result is printed and, for a checkpoint, written to CHECKPOINT/eval.json; for a checkpoint of a run,
+the run's reward curve (OUTPUT_DIR/reward.png, `driver.reward_plot`) is redrawn with it.
 
 Exit status: 0 evaluated, 1 failed (engines, Ray), 2 invalid configuration, data or checkpoint (also: a
 checkpoint that cannot be replayed here, an empty held-out split).
@@ -21,7 +23,7 @@ from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
 from driver.engine_pool import EnginePreflightError, EngineStartError
 from driver.task_data import load_problems
-from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, prepare_engines
+from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, plot_run, prepare_engines
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer
 from shared.run_layout import (
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         out = checkpoint_files(checkpoint).eval
         write_json_atomic(out, dict(result))
         print(f"wrote {out}")
+        if run is not None:
+            plot = plot_run(run.root, "evaluate")
+            if plot:
+                print(f"wrote {plot}")
     return EXIT_OK
 
 

@@ -2,8 +2,9 @@
 
 With no options it trains the tiny test model on generated Countdown problems for a few minutes on a CPU:
 it builds the engine PEX (when run from the source tree), starts a local Ray cluster, starts the engines
-from the engine PEX, and writes metrics, samples and checkpoints under runs/<UTC time>/. `--help` lists
-every option with its default and unit; `--config FILE` reads them from TOML or YAML.
+from the engine PEX, and writes metrics, samples, checkpoints and the reward curve (reward.png) under
+runs/<UTC time>/. `--help` lists every option with its default and unit; `--config FILE` reads them from
+TOML or YAML.
 
 Exit status: 0 completed, 1 failed (engines, Ray, a checkpoint that cannot be written), 2 invalid
 configuration or data, 128 + the signal's number when stopped: 130 by Ctrl-C (SIGINT), 143 by SIGTERM (a
@@ -31,6 +32,7 @@ from driver.engine_pool import (
     default_python,
     preflight,
 )
+from driver.reward_plot import write_reward_plot
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer, open_run
 from shared.run_layout import RunDir, RunDirError
@@ -92,6 +94,16 @@ def default_output_dir() -> str:
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
 
 
+def plot_run(run_dir: Path, command: str) -> Path | None:
+    """Writes the run's reward curve (`driver.reward_plot`); a plot that cannot be drawn is a warning on
+    stderr naming `command`, never a failed run. Returns the PNG's path or None."""
+    try:
+        return write_reward_plot(run_dir)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"{command}: warning: no reward plot for {run_dir}: {e}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None, on_member_done=None) -> int:
     """Runs the command; returns the exit status (see the module docstring).
 
@@ -138,12 +150,13 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
         if started_ray:
             ray.shutdown()
     out = RunDir(summary["output_dir"])
+    plot = plot_run(out.root, "train")
     print(
         f"{summary['status']}: {summary['updates']} updates, weights {summary['fingerprint'][:16]}\n"
         f"  outputs:     {out.root}\n"
         f"  metrics:     {out.metrics} (TensorBoard: tensorboard --logdir {out.tensorboard})\n"
         f"  samples:     {out.samples}\n"
-        f"  checkpoint:  {summary['last_checkpoint']}"
+        f"  checkpoint:  {summary['last_checkpoint']}" + (f"\n  reward plot: {plot}" if plot else "")
     )
     if summary["status"] == "stopped":
         print(f"continue with: ./pants run src/driver:train -- --resume --output-dir {out.root}")
