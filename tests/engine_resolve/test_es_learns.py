@@ -1,10 +1,12 @@
-"""ES learns: on a tiny model on CPU, a short seeded run raises a simple reward on generated text, and
-a broken update (wrong sign, or none) does not."""
+"""ES learns: on a tiny model on CPU, a short seeded run raises a reward on generated text, and a broken
+update (wrong sign, or none) does not. Two rewards: a simple one on the first generated token, and the
+conciseness task's (`shared.tasks.ConcisenessTask`, the paper's Sec. 4.3) on its generated questions."""
 
 from __future__ import annotations
 
 import collections
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,12 +16,21 @@ from driver.strategy import Strategy, StrategyConfig
 from engine.hf_backend import HFBackend
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
+from shared.tasks import load_task
 
 ITERATIONS = 15
 CONFIG = StrategyConfig(population=16, sigma=0.01, alpha=0.03)
 PROMPTS = [
     f"{a} {op} {b}" for a, op, b in ((random.Random(i).randint(1, 99), "+-*/"[i % 4], i) for i in range(48))
 ]
+CONCISENESS = load_task("conciseness")
+# The conciseness task's reward on its generated questions, with references as long as a sentence ("The
+# answer is 14"): the random tiny model's CONCISE_TOKENS-token replies are a few characters long, so the
+# reward (minus the length difference) rises only as ES moves their length towards the references'.
+# (With the one-word references its replies are already within ~1 character: nothing left to learn.)
+QUESTIONS = [replace(q, answer=f"The answer is {q.answer}") for q in CONCISENESS.generate(24, seed=0)]
+CONCISE_TOKENS = 4
+CONCISE_GAIN = 2.0  # characters of the mean length difference
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +38,9 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
-def run(model_dir, mode: str) -> tuple[list[float], float]:
-    """Runs ES; returns (population mean reward per iteration, final unperturbed reward).
-
-    Reward: the share of prompts whose greedy first generated token is the chosen token, the base
-    model's second most frequent first token (so the base scores between 0 and 1).
-    """
-    torch.manual_seed(0)
-    backend = HFBackend(model_dir)
-    weights = TorchWeights(backend.model)
+def first_token_reward(backend: HFBackend):
+    """The share of prompts whose greedy first generated token is the chosen token, the base model's
+    second most frequent first token (so the base scores between 0 and 1)."""
 
     def first_tokens() -> list[int]:
         completions = backend.generate(PROMPTS, max_new_tokens=1, batch_size=len(PROMPTS))
@@ -44,10 +49,34 @@ def run(model_dir, mode: str) -> tuple[list[float], float]:
         ]
 
     chosen = collections.Counter(first_tokens()).most_common(2)[1][0]
+    return lambda: float(np.mean([t == chosen for t in first_tokens()]))
+
+
+def conciseness_reward(backend: HFBackend):
+    """The conciseness task's mean reward over QUESTIONS: greedy, CONCISE_TOKENS new tokens at most."""
 
     def reward() -> float:
-        return float(np.mean([t == chosen for t in first_tokens()]))
+        completions = backend.generate([q.prompt for q in QUESTIONS], CONCISE_TOKENS, len(QUESTIONS))
+        return float(
+            np.mean(
+                [
+                    CONCISENESS.reward(q, c.text, c.finished).total
+                    for q, c in zip(QUESTIONS, completions, strict=True)
+                ]
+            )
+        )
 
+    return reward
+
+
+def run(model_dir, mode: str, make_reward=first_token_reward) -> tuple[list[float], float]:
+    """Runs ES with the reward `make_reward(backend)` returns; returns (population mean reward per
+    iteration, final unperturbed reward). `mode`: "right", "wrong-sign" (the update's negative) or
+    "no-update"."""
+    torch.manual_seed(0)
+    backend = HFBackend(model_dir)
+    weights = TorchWeights(backend.model)
+    reward = make_reward(backend)
     strategy = Strategy(CONFIG, root_seed=0)
     means = []
     for _ in range(ITERATIONS):
@@ -77,3 +106,13 @@ def test_a_broken_update_does_not(model_dir, mode):
     means, final = run(model_dir, mode)
     print(mode, "population mean reward per iteration:", [round(m, 3) for m in means], "final:", final)
     assert np.mean(means[-3:]) < means[0] + 0.3 and final < means[0] + 0.3
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong-sign", "no-update"])
+def test_es_raises_the_conciseness_reward_only_with_the_right_update(model_dir, mode):
+    """The conciseness task's reward through the same loop: the right update shortens the tiny model's
+    replies towards the answers' lengths; the negated update or none does not."""
+    means, final = run(model_dir, mode, conciseness_reward)
+    print(mode, "conciseness reward per iteration:", [round(m, 2) for m in means], "final:", round(final, 2))
+    gained = np.mean(means[-3:]) >= means[0] + CONCISE_GAIN and final >= means[0] + CONCISE_GAIN
+    assert gained == (mode == "right")
