@@ -27,7 +27,8 @@ CONCISENESS = load_task("conciseness")
 # The conciseness task's reward on its generated questions, with references as long as a sentence ("The
 # answer is 14"): the random tiny model's CONCISE_TOKENS-token replies are a few characters long, so the
 # reward (minus the length difference) rises only as ES moves their length towards the references'.
-# (With the one-word references its replies are already within ~1 character: nothing left to learn.)
+# (With the one-word references, 2-token replies are already within ~1 character of them, and 8-token
+# replies, ~6 characters off, did not get shorter in 15 iterations: measured when this test was written.)
 QUESTIONS = [replace(q, answer=f"The answer is {q.answer}") for q in CONCISENESS.generate(24, seed=0)]
 CONCISE_TOKENS = 4
 CONCISE_GAIN = 2.0  # characters of the mean length difference
