@@ -7,6 +7,7 @@ tests:entry-point-engine); one PEX with a different Ray version is made here wit
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from driver.engine_pool import (
     read_pex_info,
     venv_of,
 )
+from driver.train_config import build_parser
 
 TOY_PEX = Path("tests/toy-engine.pex")
 ENTRY_POINT_PEX = Path("tests/entry-point-engine.pex")
@@ -147,6 +149,12 @@ def test_unstartable_worker_hits_the_deadline_instead_of_hanging(ray_cluster, tm
     assert "Ray logged:" in message, message
     assert "raylet.err" in message and "No such file or directory" in message, message
     assert ("gone.pex" if broken == "missing-pex" else "/nonexistent/python3.12") in message, message
+    # Every option the message tells users to raise exists (it once named --engine-cold-start-allowance).
+    assert "--engine-start-timeout 15 s" in message, message
+    option = r"(?<![\w-])--[a-z][a-z-]+"
+    named = set(re.findall(option, message.split("Ray logged")[0]))  # Ray's own log has its worker's flags
+    options = set(re.findall(option, build_parser().format_help()))
+    assert named and named <= options, named - options
     # The cluster is still usable: a correct pool starts afterwards.
     EnginePool.start(spec(tmp_path, num_engines=1)).shutdown()
 

@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from driver import train
+from driver.checkpointing import Anchor
 from driver.engine_pool import DEFAULT_ENGINE_PEX
 from driver.train_config import (
     PAPER_ALPHA,
@@ -21,6 +22,7 @@ from driver.train_config import (
     load_config_file,
     merge_for_resume,
 )
+from driver.trainer import load_request
 from shared.engine_pex import pex_path
 
 
@@ -74,6 +76,25 @@ def test_vllm_engines_come_from_the_pex_of_their_platform():
     smollm2 = parse("--model", "smollm2-135m-instruct")
     assert (smollm2.engine_target, smollm2.sigma, smollm2.alpha) == ("src/engine:engine-cpu", 0.001, 0.0005)
     assert not gpu.vllm_on_cpu and not tpu.vllm_on_cpu
+
+
+@pytest.mark.parametrize(
+    "argv, device",
+    [
+        ([], "cpu"),
+        (["--backend", "cuda", "--engine-gpus", "1"], "cuda"),
+        (["--backend", "vllm"], "cpu"),
+        (["--backend", "vllm", "--engine-gpus", "1"], "cuda"),
+        (["--backend", "vllm", "--engine-resources", "TPU=4", "--tensor-parallel-size", "4"], "tpu"),
+    ],
+)
+def test_engines_load_for_the_runs_device(argv, device):
+    """Engines get the run's device type, which their manifest entry reports (vLLM engines on GPUs and
+    TPUs once reported "cpu"); the transformers backend uses it as its torch device."""
+    config = parse(*argv)
+    request = load_request(config, Anchor(0, "/models/m"))
+    assert (config.device_type, request.device) == (device, device)
+    assert request.backend == ("vllm" if "vllm" in argv else "transformers")
 
 
 def test_file_then_command_line(tmp_path):

@@ -583,11 +583,11 @@ class EnginePool:
         found = "".join(f"Cause: {cause}.\n" for cause in causes if cause)
         return found + (
             f"{waiting} of {spec.num_engines} engine actors did not start within {spec.deadline_s:.0f} s "
-            f"(startup_timeout_s={spec.startup_timeout_s:.0f} + cold_start_allowance_s="
-            f"{spec.cold_start_allowance_s:.0f}). Ray keeps retrying a worker that cannot start instead of "
-            "failing, so the pool gave up. Check that every node has the engine PEX at "
+            f"(--engine-start-timeout {spec.startup_timeout_s:.0f} s + {spec.cold_start_allowance_s:.0f} s "
+            "allowed for extracting the PEX on other nodes). Ray keeps retrying a worker that cannot start "
+            "instead of failing, so the pool gave up. Check that every node has the engine PEX at "
             f"{spec.pex}, the interpreter {spec.python}, and a writable PEX_ROOT ({spec.pex_root}); "
-            "a first extraction of a large PEX needs a larger --engine-cold-start-allowance or a "
+            "a first extraction of a large PEX needs a larger --engine-start-timeout or a "
             "pre-extracted PEX (./pants run src/release:prepare-engine).\n"
             + (f"Ray logged:\n{excerpt}" if excerpt else "Ray logged nothing about it on this node.")
         )

@@ -93,6 +93,28 @@ class EngineSyncError(RuntimeError):
     """Engines disagree on the weights and could not be resynced."""
 
 
+def load_request(config: TrainConfig, anchor: Anchor) -> LoadRequest:
+    """What every engine of the run loads: `anchor`'s weights with the run's backend, dtype and options.
+    `device` is the run's `TrainConfig.device_type` ("cpu", "cuda" or "tpu"): the transformers backend's
+    torch device, and for vLLM (which picks its own platform) the device its manifest entry reports."""
+    return LoadRequest(
+        model_dir=anchor.model_dir,
+        backend="vllm" if config.backend == "vllm" else "transformers",
+        dtype=config.dtype,
+        device=config.device_type,
+        restore_mode=config.restore_mode,
+        master_path=anchor.master_path,
+        deterministic=config.deterministic,
+        vllm=VLLMOptions(
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+            cpu_linear=config.cpu_linear,
+        ),
+    )
+
+
 # Called after each member result: (trainer, iteration, member index, engine index).
 MemberHook = Callable[["Trainer", int, int, int], None]
 
@@ -188,29 +210,9 @@ class Trainer:
 
     # ---- engines -----------------------------------------------------------------------------------
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.config.backend == "cuda" else "cpu"
-
     def _load(self, index: int, anchor: Anchor) -> Any:
         """Starts loading `anchor` into engine `index`; returns the ObjectRef of its `LoadResult`."""
-        config = self.config
-        request = LoadRequest(
-            model_dir=anchor.model_dir,
-            backend="vllm" if config.backend == "vllm" else "transformers",
-            dtype=config.dtype,
-            device=self.device,
-            restore_mode=config.restore_mode,
-            master_path=anchor.master_path,
-            deterministic=config.deterministic,
-            vllm=VLLMOptions(
-                tensor_parallel_size=config.tensor_parallel_size,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-                max_model_len=config.max_model_len,
-                cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-                cpu_linear=config.cpu_linear,
-            ),
-        )
+        request = load_request(self.config, anchor)
         return self.pool.handles[index].load_model.remote(request)
 
     def _replay(self, indices: list[int], updates: list[list[tuple[int, float]]]) -> list[str]:

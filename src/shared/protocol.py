@@ -79,7 +79,8 @@ class LoadRequest:
         model_dir: a Hugging Face model directory on the engine's node (config, safetensors, tokenizer).
         backend: `ENGINE_BACKENDS`.
         dtype: `DTYPES`; the weights' dtype on the device.
-        device: torch device of the transformers backend ("cpu", "cuda"); vLLM picks its own platform.
+        device: the run's device type ("cpu", "cuda", "tpu"): the torch device of the transformers
+            backend; vLLM picks its own platform, and the engine reports this in its machine report.
         restore_mode: `RESTORE_MODES`.
         master_path: a checkpoint's fp32 master (`shared.run_layout.MASTER`) loaded over the model's
             weights, so that a resumed run continues bit-exactly; None when the model is the weights.
