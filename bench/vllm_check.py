@@ -2,21 +2,27 @@
 
     ./pants run bench:vllm_check-gpu -- [--tensor-parallel-size 2] [--json FILE]   # GPU machine
     ./pants run bench:vllm_check -- [--tensor-parallel-size 4] [--json FILE]       # TPU VM
+    ./pants run bench:vllm_check -- --emulate-tpu                                  # no TPU: emulated
     PEX_MODULE=vllm_check python3.12 vllm_check.pex [...]                          # a shipped PEX
 
 Runs inside an engine environment (the engine PEX on TPU VMs, the engine-gpu PEX on GPU machines).
-Without vLLM or without an accelerator it prints `SKIP: ...` and exits 0.
+Without vLLM or without an accelerator it prints `SKIP: ...` and exits 0. With `--emulate-tpu` it runs the
+TPU engine's own vLLM on JAX's CPU backend with the chip stood in (`engine.tpu_emulation`), so that this
+script has itself been run before it meets a TPU; its times are the CPU's, not a TPU's.
 
 It creates a random Qwen2 model of about 0.5 B parameters (Qwen2.5-0.5B's layer shapes, as
-`bench/gpu_check.py`; or `--model-dir`), starts one `engine.vllm_backend.VLLMBackend` on it (bf16, greedy,
-prefix caching off) and checks:
+`bench/gpu_check.py`; with `--emulate-tpu` the warm-started tiny test model; or `--model-dir`), starts
+one `engine.vllm_backend.VLLMBackend` on it (bf16, greedy, prefix caching off) and checks:
   exact restore      perturb then restore gives back the same fingerprint and the same greedy completions;
   same noise         perturbing twice with one seed gives the same fingerprint; another seed differs;
-  perturbs rollouts  a perturbation (sigma 0.001, the paper's) changes some completions;
+  perturbs rollouts  a perturbation (sigma 0.001, the paper's; 0.01 with the tiny model) changes some
+                     completions;
   update             `apply_update` changes the fingerprint, and `master()` is the checkpoint's layout
                      (GPUs: equal, bit for bit, to the transformers backend's master after the same update
                      on the same device: vLLM's noise is the transformers backend's noise);
   no recompilation   TPU: the compiled perturbation count stays 1 over 5 perturbations (tpu-inference).
+                     Emulated TPU: also nothing else compiles (tpu-inference's `ForbidCompile` around
+                     perturbations, restores and generation; vLLM's engine runs in this process there).
 Then it times (medians over 5): perturb + restore, greedy generation of the prompts, and their ratio.
 Exit status: 0 when every check passes, 1 otherwise.
 """
@@ -29,15 +35,27 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from gpu_check import QWEN2_5_0_5B_LAYER
 
 SIGMA = 0.001  # Qiu et al. 2025, Sec. 4
+# With the tiny test model (as `train`'s default sigma for it): 0.001 moves no completion of it.
+TINY_SIGMA = 0.01
 
 
-def accelerator() -> str | None:
-    """ "cuda" or "tpu" when this machine has one and vLLM is importable, else None."""
+def accelerator(emulate_tpu: bool = False) -> str | None:
+    """ "cuda" or "tpu" when this machine has one and vLLM is importable, "tpu-emulated" with
+    `emulate_tpu` (which installs `engine.tpu_emulation` first), else None.
+
+    Raises:
+        engine.tpu_emulation.EmulationError: `emulate_tpu` on a TPU, or without tpu-inference.
+    """
+    if emulate_tpu:
+        from engine import tpu_emulation  # pants: no-infer-dep (TPU engine only: src/engine:tpu)
+
+        tpu_emulation.install()
     try:
         from vllm.platforms import current_platform
     except ImportError:
@@ -45,6 +63,8 @@ def accelerator() -> str | None:
     if current_platform.is_tpu():
         import jax
 
+        if emulate_tpu:
+            return "tpu-emulated"
         return "tpu" if jax.devices()[0].platform == "tpu" else None
     import torch
 
@@ -72,6 +92,8 @@ def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, lis
         tensor_parallel_size=args.tensor_parallel_size,
         max_model_len=512,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        emulate_tpu=kind == "tpu-emulated",
+        cpu_kv_cache_gib=args.emulated_hbm_gib,
     )
     prompts = [make_prompt([3 + i, 7, 11 + i], 20 + i) for i in range(args.prompts)]
     checks = []
@@ -80,14 +102,14 @@ def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, lis
         return [c.text for c in backend.generate(prompts, args.max_new_tokens)]
 
     base, texts = backend.fingerprint(), completions()
-    backend.perturb(1, SIGMA)
+    backend.perturb(1, args.sigma)
     perturbed_texts, first = completions(), backend.fingerprint()
     backend.restore()
     checks.append(("exact restore", backend.fingerprint() == base and completions() == texts, base[:12]))
-    backend.perturb(1, SIGMA)
+    backend.perturb(1, args.sigma)
     again = backend.fingerprint()
     backend.restore()
-    backend.perturb(2, SIGMA)
+    backend.perturb(2, args.sigma)
     other = backend.fingerprint()
     backend.restore()
     checks.append(("same noise", again == first != other, f"{first[:12]} / seed 2: {other[:12]}"))
@@ -95,22 +117,33 @@ def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, lis
     checks.append(("perturbs rollouts", changed > 0, f"{changed}/{len(prompts)} completions changed"))
 
     def cycle() -> None:
-        backend.perturb(3, SIGMA)
+        backend.perturb(3, args.sigma)
         backend.restore()
         backend.fingerprint()  # waits for the device
 
     fingerprint_s = median_seconds(backend.fingerprint)
     perturb_restore_s = max(median_seconds(cycle) - fingerprint_s, 0.0)
     generate_s = median_seconds(completions, repeats=3)
-    if kind == "tpu":
+    if kind in ("tpu", "tpu-emulated"):
         counts = []
-        for seed in range(5):
-            backend.perturb(seed, SIGMA)
-            backend.restore()
-            counts.append(max(backend.llm.collective_rpc("es_compilations")))
-        checks.append(("no recompilation", set(counts) == {1}, f"compiled versions {counts}"))
+        guard = nullcontext()
+        if kind == "tpu-emulated":
+            from tpu_inference.runner.utils import ForbidCompile  # pants: no-infer-dep (with vllm-tpu)
 
-    updated = backend.apply_update([(1, 0.5 * SIGMA), (2, -0.25 * SIGMA)])
+            guard = ForbidCompile()
+        try:
+            with guard:
+                for seed in range(5):
+                    backend.perturb(seed, args.sigma)
+                    completions()
+                    backend.restore()
+                    counts.append(max(backend.llm.collective_rpc("es_compilations")))
+            detail = f"compiled versions {counts}"
+        except RuntimeError as error:  # ForbidCompile: something compiled again
+            counts, detail = [], f"{error} (after {len(counts)} perturbations)"
+        checks.append(("no recompilation", bool(counts) and set(counts) == {1}, detail))
+
+    updated = backend.apply_update([(1, 0.5 * args.sigma), (2, -0.25 * args.sigma)])
     detail = f"{base[:12]} -> {updated[:12]}"
     ok = updated != base
     if kind == "cuda":
@@ -122,7 +155,7 @@ def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, lis
         master = backend.master()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda")
         reference = TorchWeights(model)
-        reference.apply_update([(1, 0.5 * SIGMA), (2, -0.25 * SIGMA)])
+        reference.apply_update([(1, 0.5 * args.sigma), (2, -0.25 * args.sigma)])
         differ = [n for n in reference.master if not torch.equal(master[n], reference.master[n])]
         ok = ok and set(master) == set(reference.master) and not differ
         detail += f"; master vs transformers backend: {len(differ)} of {len(master)} tensors differ"
@@ -147,8 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--json", help="also write the results and checks to this file")
+    parser.add_argument(
+        "--emulate-tpu",
+        action="store_true",
+        help="no TPU: the TPU engine's vLLM on JAX's CPU backend, the chip stood in (engine.tpu_emulation)",
+    )
+    parser.add_argument(
+        "--emulated-hbm-gib", type=float, default=0.25, help="with --emulate-tpu: HBM per emulated chip, GiB"
+    )
+    parser.add_argument(
+        "--sigma", type=float, help=f"perturbation scale (default {SIGMA}; {TINY_SIGMA} with the tiny model)"
+    )
     args = parser.parse_args(argv)
-    kind = accelerator()
+    kind = accelerator(args.emulate_tpu)
     if kind is None:
         print("SKIP: no vLLM with a GPU or TPU here (run it inside the engine PEX on such a machine)")
         return 0
@@ -157,8 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         if model_dir is None:
             from engine.tiny_model import make_tiny_model
 
-            model_dir = make_tiny_model(Path(tmp) / "model", num_layers=args.layers, **QWEN2_5_0_5B_LAYER)
-        print(f"engine on {model_dir} ({kind}, tensor parallel {args.tensor_parallel_size})")
+            if kind == "tpu-emulated":  # on CPUs: the tiny model, warm-started to write text
+                model_dir = make_tiny_model(Path(tmp) / "model", warm_start_steps=55)
+                args.sigma = args.sigma or TINY_SIGMA
+            else:
+                model_dir = make_tiny_model(Path(tmp) / "model", num_layers=args.layers, **QWEN2_5_0_5B_LAYER)
+        args.sigma = args.sigma or SIGMA
+        print(
+            f"engine on {model_dir} ({kind}, tensor parallel {args.tensor_parallel_size}, sigma {args.sigma})"
+        )
         results, checks = run(args, model_dir, kind)
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name:18s} {detail}")

@@ -76,6 +76,11 @@ def test_vllm_engines_come_from_the_pex_of_their_platform():
     smollm2 = parse("--model", "smollm2-135m-instruct")
     assert (smollm2.engine_target, smollm2.sigma, smollm2.alpha) == ("src/engine:engine-cpu", 0.001, 0.0005)
     assert not gpu.vllm_on_cpu and not tpu.vllm_on_cpu
+    # A TPU emulated on CPUs runs the TPU engine PEX (vllm-tpu) and tells its engines so.
+    emulated = parse("--backend", "vllm", "--emulate-tpu")
+    assert (emulated.engine_target, emulated.device_type) == ("src/engine:engine", "cpu")
+    assert load_request(emulated, Anchor(0, "/models/m")).vllm.emulate_tpu
+    assert not load_request(cpu, Anchor(0, "/models/m")).vllm.emulate_tpu
 
 
 @pytest.mark.parametrize(
@@ -139,6 +144,9 @@ def test_file_then_command_line(tmp_path):
             "--restore-mode: device is for GPUs",
         ),
         (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be in (0, 1]"),
+        (["--emulate-tpu"], "--emulate-tpu: emulates a TPU with vLLM on CPUs"),
+        (["--backend", "vllm", "--engine-resources", "TPU=4", "--emulate-tpu"], "on a TPU VM run without it"),
+        (["--backend", "vllm", "--emulate-tpu", "--restore-mode", "device"], "an emulated TPU uses master"),
         (["--train-size", "4", "--prompts-per-member", "8"], "--train-size: must be >= --prompts-per-member"),
     ],
 )

@@ -112,6 +112,12 @@ class TrainConfig:
         "kernels are re-packed after every weight change (repack)",
         choices=CPU_LINEAR_MODES,
     )
+    emulate_tpu: bool = _opt(
+        False,
+        "vLLM on CPUs: run the TPU engine's own vLLM (vllm-tpu + tpu-inference, from the engine PEX) on "
+        "JAX's CPU backend with the chip stood in (engine.tpu_emulation), for tests and development; "
+        "never on a TPU. The emulated HBM per engine is --cpu-kv-cache-gib",
+    )
     num_engines: int = _opt(2, "number of engine actors", "actors", resumable=True)
     engine_cpus: float = _opt(1.0, "Ray CPUs per engine actor", "logical CPUs", resumable=True)
     engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs", resumable=True)
@@ -363,6 +369,15 @@ class TrainConfig:
                     f"--tensor-parallel-size: {self.tensor_parallel_size} devices per engine, but each "
                     f"engine gets {devices} ({option})"
                 )
+        if self.emulate_tpu and not self.vllm_on_cpu:
+            raise ConfigError(
+                "--emulate-tpu: emulates a TPU with vLLM on CPUs (--backend vllm, no --engine-gpus, no TPU "
+                "in --engine-resources); on a TPU VM run without it"
+            )
+        if self.emulate_tpu and self.model is not None:
+            raise ConfigError("--emulate-tpu: --model ships in the CPU engine only; pass --model-dir")
+        if self.emulate_tpu and self.restore_mode == "device":
+            raise ConfigError("--restore-mode: device is for GPUs; an emulated TPU uses master or subtract")
         if self.backend == "cuda" and not self.engine_gpus:
             raise ConfigError("--engine-gpus: must be > 0 with --backend cuda (each engine needs a GPU)")
 
@@ -385,10 +400,10 @@ class TrainConfig:
     def engine_target(self) -> str:
         """The Pants target of the engine PEX this run needs: src/engine:engine-gpu for vLLM on GPUs,
         src/engine:engine-cpu for vLLM on CPUs or a packaged `--model`, else src/engine:engine
-        (transformers, and vLLM on TPU)."""
+        (transformers, vLLM on TPU, and vLLM emulating a TPU)."""
         if self.backend == "vllm" and self.engine_gpus:
             return GPU_ENGINE_TARGET
-        if self.vllm_on_cpu or self.model is not None:
+        if (self.vllm_on_cpu and not self.emulate_tpu) or self.model is not None:
             return CPU_ENGINE_TARGET
         return ENGINE_TARGET
 

@@ -111,6 +111,7 @@ def load_request(config: TrainConfig, anchor: Anchor) -> LoadRequest:
             max_model_len=config.max_model_len,
             cpu_kv_cache_gib=config.cpu_kv_cache_gib,
             cpu_linear=config.cpu_linear,
+            emulate_tpu=config.emulate_tpu,
         ),
     )
 

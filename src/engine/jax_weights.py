@@ -93,6 +93,16 @@ class JaxWeights:
         self._active: tuple[int, float] | None = None
 
     @property
+    def leaves(self) -> list[Any]:
+        """The current arrays, in leaf order (read-only use: the operations replace them)."""
+        return list(self._leaves)
+
+    @property
+    def dtypes(self) -> list[Any]:
+        """The numpy dtype of each leaf (bfloat16 as ml_dtypes'), in leaf order."""
+        return [np.dtype(p.dtype) for p in self._leaves]
+
+    @property
     def params(self) -> Any:
         """The current pytree."""
         return self._treedef.unflatten(self._leaves)

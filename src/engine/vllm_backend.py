@@ -15,6 +15,7 @@ never imports JAX (its resolve lacks it), so it cannot initialise a TPU.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -83,6 +84,9 @@ class VLLMBackend:
             re-packs vLLM's kernels after every weight change). CPU engines also run eagerly
             (`enforce_eager=True`, unless given): nothing is compiled around the weights.
         restore_mode: "master" (exact, fp32 host master) or "subtract"; "device" on GPUs only.
+        emulate_tpu: run the TPU engine's vLLM on JAX's CPU backend with the chip stood in
+            (`engine.tpu_emulation`, installed before vLLM is imported; tests and development only):
+            the emulated HBM per device is `cpu_kv_cache_gib`, and vLLM schedules synchronously.
         deterministic: deterministic cuBLAS workspaces (`engine.hf_backend.use_deterministic_cublas`, read
             when the workers start) so that identical weights give identical completions across engines
             and restarts.
@@ -96,13 +100,15 @@ class VLLMBackend:
 
     Attributes:
         workers: each worker's `es_setup()` result, in rank order.
-        checkpoint_layout: True when the master is in the checkpoint's layout (torch workers), False
-            when it is in the runner's (tpu-inference's JAX state).
+        checkpoint_layout: True when the master moves in the checkpoint's layout (torch workers, and JAX
+            workers through `engine.jax_layout`), so that checkpoints load in transformers.
 
     Raises:
         ValueError: from vLLM, for an unreadable model directory or an unsupported setting.
         engine.vllm_layout.LayoutError, engine.vllm_cpu.PackedWeightsError: a parameter ES would perturb
             is empty or not what the forward pass computes from (named).
+        engine.tpu_emulation.EmulationError: `emulate_tpu` where it cannot run (a TPU, no tpu-inference,
+            or vLLM not on its TPU platform).
         PerturbationError: from the start-up check.
     """
 
@@ -117,6 +123,7 @@ class VLLMBackend:
         deterministic: bool = True,
         cpu_kv_cache_gib: float = 1.0,
         cpu_linear: str = "read",
+        emulate_tpu: bool = False,
         check: bool = True,
         llm: Any = None,
         **llm_kwargs: Any,
@@ -134,11 +141,14 @@ class VLLMBackend:
                 gpu_memory_utilization,
                 deterministic,
                 {"cpu_kv_cache_gib": cpu_kv_cache_gib, "cpu_linear": cpu_linear},
+                emulate_tpu,
                 llm_kwargs,
             )
         )
         self.workers = self.llm.collective_rpc("es_setup", kwargs={"restore_mode": restore_mode})
-        self.checkpoint_layout = self.workers[0]["layout"] == "checkpoint"
+        self.checkpoint_layout = all(worker["layout"] == "checkpoint" for worker in self.workers)
+        # Torch workers each hold a shard (joined by `merge_parts`); a JAX worker holds every array.
+        self._sharded = self.workers[0].get("sharded", True)
         if check:
             self.check_perturbation_reaches_logits()
 
@@ -165,12 +175,10 @@ class VLLMBackend:
         return sum(worker["parameters"] for worker in self.workers)
 
     def save_checkpoint(self, files: CheckpointFiles) -> CheckpointResult:
-        """Writes the checkpoint's model from the master. With torch workers (GPUs, CPUs) the master is in
-        the checkpoint's layout (the ranks' shards joined): `files.model` then holds the trained weights
-        in `dtype` and loads in transformers and vLLM alike; the fp32 master is written to `files.master`
-        when `dtype` is not float32. On TPUs the master is in tpu-inference's layout: `files.model` is a
-        copy of the loaded model directory and the trained weights are in `files.master` (leaf names),
-        which `from_request` loads back."""
+        """Writes the checkpoint's model from the master, in the checkpoint's layout: `files.model` holds
+        the trained weights in `dtype` and loads in transformers and vLLM alike; the fp32 master is
+        written to `files.master` when `dtype` is not float32 (or when a worker's master is in another
+        layout, with the loaded model directory copied as the model)."""
         from safetensors.torch import save_file
 
         tensors = self.master()
@@ -230,11 +238,22 @@ class VLLMBackend:
         gpu_memory_utilization: float,
         deterministic: bool,
         cpu: dict[str, Any],
+        emulate_tpu: bool,
         llm_kwargs: dict[str, Any],
     ) -> Any:
         # vLLM configures its loggers on import; engine actors forward every line to the driver's
         # terminal, so only warnings unless the user asks for more.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if emulate_tpu:
+            from engine import tpu_emulation  # pants: no-infer-dep (TPU engine only)
+
+            tpu_emulation.install(hbm_gib=cpu["cpu_kv_cache_gib"])
+            # Without memory stats, tpu-inference sizes HBM use from `jax.live_arrays()` and fails on a
+            # deleted (donated) array that garbage collection has not freed yet: another engine of this
+            # process that updated its weights leaves such arrays behind.
+            gc.collect()
+            for name, value in tpu_emulation.llm_kwargs(tensor_parallel_size).items():
+                llm_kwargs.setdefault(name, value)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -243,6 +262,13 @@ class VLLMBackend:
         if deterministic:
             use_deterministic_cublas()
         is_tpu = current_platform.is_tpu()
+        if emulate_tpu and not is_tpu:
+            from engine.tpu_emulation import EmulationError  # pants: no-infer-dep (TPU engine only)
+
+            raise EmulationError(
+                f"emulate_tpu: vLLM's platform is {type(current_platform).__name__}, not TpuPlatform: "
+                "the emulation runs the TPU engine PEX (src/engine:engine, vllm-tpu + tpu-inference)"
+            )
         if current_platform.is_cpu():
             if cpu["cpu_linear"] not in CPU_LINEAR_MODES:
                 raise ValueError(f"cpu_linear must be one of {CPU_LINEAR_MODES}, got {cpu['cpu_linear']!r}")
@@ -319,17 +345,16 @@ class VLLMBackend:
         return combine(self.llm.collective_rpc("es_fingerprint"))
 
     def master(self) -> dict[str, Any]:
-        """The fp32 master, name -> float32 CPU tensor. On GPUs in the checkpoint's layout (Hugging Face
-        names and shapes, the ranks' shards joined by `engine.vllm_layout.merge_parts`); on TPUs in the
-        runner's layout (tpu-inference state leaves, `engine.jax_weights.leaf_names`). The workers write
-        their parts to files in a temporary directory on this node."""
+        """The fp32 master, name -> float32 CPU tensor, in the checkpoint's layout (Hugging Face names and
+        shapes): torch workers' shards joined by `engine.vllm_layout.merge_parts`, a JAX worker's arrays
+        mapped by `engine.jax_layout`. The workers write files in a temporary directory on this node."""
         from safetensors.torch import load_file
 
         from engine.vllm_layout import merge_parts
         from engine.vllm_worker import HELD
 
         with tempfile.TemporaryDirectory(prefix="es-master-") as tmp:
-            if not self.checkpoint_layout:
+            if not self._sharded:
                 (path,) = self.llm.collective_rpc("es_master", args=(tmp,))
                 return load_file(path)
             parts = []

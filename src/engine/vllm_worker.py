@@ -12,7 +12,9 @@ without ever leaving the device (vLLM's documented pattern for RL weight updates
   by vLLM's own loader (`engine.vllm_layout`): every rank applies the same perturbation of the same
   Hugging Face model, at any tensor-parallel degree, and the master moves in the checkpoint's layout.
 - `JaxWorkerExtension`, for tpu-inference on TPU: the worker's `model_runner.state` is the pytree of JAX
-  arrays whose leaves (`model_runner.state_leaves`) the compiled model function takes as input.
+  arrays whose leaves (`model_runner.state_leaves`) the compiled model function takes as input. The
+  noise is drawn per leaf; the master moves to and from checkpoints in the checkpoint's layout
+  (`engine.jax_layout`).
   `engine.jax_weights.JaxWeights` replaces its leaves by same-shape, same-dtype, same-sharding arrays
   (donating the old buffers, so the device holds one set of parameters), and the new pytree is put back
   on the runner. Compiled functions are therefore reused; the extension records the compilation count
@@ -180,19 +182,31 @@ class JaxWorkerExtension:
         runner.refresh_state_leaves()
 
     def es_setup(self, restore_mode: str = "master") -> dict[str, Any]:
-        """Wraps the runner's weights in `JaxWeights`. Call once after the `LLM` is built.
+        """Wraps the runner's weights in `JaxWeights`, and maps them onto the checkpoint vLLM loaded
+        (`engine.jax_layout.JaxLayout`, checked bit for bit). Call once after the `LLM` is built.
 
         Returns:
-            {"layout": "tpu-inference" (the master's: the runner's state leaves), "leaves": int,
-            "parameters": int, "fingerprint": str}.
+            {"layout": "checkpoint" (the master's, as `es_master` writes it), "sharded": False (one
+            worker holds every array, whatever the mesh), "devices": int (the devices the weights are
+            sharded over), "leaves": int, "parameters": int, "fingerprint": str}.
+
+        Raises:
+            engine.vllm_layout.LayoutError: the runner's weights do not map onto the checkpoint (named).
         """
+        from engine.jax_layout import JaxLayout  # pants: no-infer-dep (TPU engine only)
         from engine.jax_weights import JaxWeights  # pants: no-infer-dep (TPU engine only; no JAX on GPUs)
 
         self._es_weights = JaxWeights(self.model_runner.state, restore_mode=restore_mode)
+        self._es_layout = JaxLayout(
+            self._es_weights.names, [m.shape for m in self._es_weights.master], self.model_config.model
+        )
+        self._es_layout.check(self._es_weights.master, self._es_weights.dtypes)
         self._es_compiled: int | None = None
         self._es_publish()
         return {
-            "layout": "tpu-inference",
+            "layout": "checkpoint",
+            "sharded": False,
+            "devices": len({d for leaf in self._es_weights.leaves for d in leaf.sharding.device_set}),
             "leaves": len(self._es_weights.master),
             "parameters": int(sum(m.size for m in self._es_weights.master)),
             "fingerprint": self._es_weights.fingerprint(),
@@ -235,30 +249,41 @@ class JaxWorkerExtension:
         return self._es_weights.fingerprint()
 
     def es_master(self, directory: str) -> str:
-        """Writes the fp32 master in the runner's layout (leaf name, `jax_weights.leaf_names` -> array) to
-        `directory`/state.safetensors; returns the path."""
+        """Writes the fp32 master in the checkpoint's layout (`JaxLayout.to_checkpoint`: Hugging Face
+        names and shapes) to `directory`/master.safetensors; returns the path (a file, as for torch
+        workers)."""
         from safetensors.numpy import save_file
 
-        path = Path(directory) / "state.safetensors"
-        save_file(dict(zip(self._es_weights.names, self._es_weights.master, strict=True)), str(path))
+        path = Path(directory) / "master.safetensors"
+        save_file(self._es_layout.to_checkpoint(self._es_weights.master), str(path))
         return str(path)
 
     def es_load_master(self, path: str) -> str:
-        """`JaxWeights.load_master` from the safetensors file `path` (leaf name -> array), publishes the
-        arrays; returns the fingerprint.
+        """Replaces the weights by the fp32 master in the checkpoint's layout in the safetensors file
+        `path` (e.g. a checkpoint's master.safetensors), publishes the arrays; returns the fingerprint.
 
         Raises:
-            ValueError: names or shapes differ from the runner's leaves (named).
+            engine.vllm_layout.LayoutError: a tensor is missing or has another shape (named).
         """
         from safetensors.numpy import load_file
 
-        self._es_weights.load_master(load_file(path))
+        leaves = self._es_layout.from_checkpoint(load_file(path))
+        self._es_weights.load_master(dict(zip(self._es_weights.names, leaves, strict=True)))
         self._es_publish()
         return self._es_weights.fingerprint()
 
     def es_compilations(self) -> int:
         """Compiled versions of the perturbation (`JaxWeights.compilations`); stays 1 after warm-up."""
         return self._es_weights.compilations()
+
+    def es_device_memory(self) -> dict[str, int]:
+        """This process's live JAX arrays (`jax.live_arrays()`: weights, KV cache, inputs): {"arrays":
+        count, "bytes": total bytes}. Equal before and after a perturbation, restore or update when
+        the old weights' buffers were donated or freed, i.e. one parameter set stays resident."""
+        import jax  # pants: no-infer-dep (TPU engine only)
+
+        arrays = [a for a in jax.live_arrays() if not a.is_deleted()]
+        return {"arrays": len(arrays), "bytes": int(sum(a.nbytes for a in arrays))}
 
 
 def _is_cpu() -> bool:

@@ -59,6 +59,9 @@ class VLLMOptions:
         max_model_len: prompt + completion tokens per sequence.
         cpu_kv_cache_gib: KV cache of an engine on vLLM's CPU platform, GiB of host RAM.
         cpu_linear: `CPU_LINEAR_MODES` ("read" or "repack"), on vLLM's CPU platform only.
+        emulate_tpu: run the TPU engine's own vLLM (vllm-tpu + tpu-inference) on JAX's CPU backend with
+            the chip stood in (`engine.tpu_emulation`; tests and development only, never on a TPU); the
+            emulated HBM is `cpu_kv_cache_gib`.
     """
 
     tensor_parallel_size: int = 1
@@ -66,6 +69,7 @@ class VLLMOptions:
     max_model_len: int = 2048
     cpu_kv_cache_gib: float = 1.0
     cpu_linear: str = "read"
+    emulate_tpu: bool = False
 
     def __post_init__(self) -> None:
         _choice("cpu_linear", self.cpu_linear, CPU_LINEAR_MODES)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -27,6 +29,8 @@ from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder, UtilityResult
 from vllm.v1.worker.worker_base import WorkerBase
 
 from engine.actor import EngineActor
+from engine.jax_layout import checkpoint_name
+from engine.jax_weights import leaf_names
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
 from engine.vllm_backend import VLLMBackend, write_model_dir
@@ -315,8 +319,21 @@ class _JaxRunner:
 
 
 class StandInTpuWorker(WorkerBase):
+    """A tpu-inference worker over `_JaxRunner`, with the checkpoint its weights were loaded from (the
+    leaves under their dotted names, as `engine.jax_layout` maps them) in `model_config.model`."""
+
     def __init__(self):
         self.model_runner = _JaxRunner()
+        directory = Path(tempfile.mkdtemp(prefix="jax-checkpoint-"))
+        state = self.model_runner.state
+        save_file(
+            {
+                checkpoint_name(name): np.asarray(leaf)
+                for name, leaf in zip(leaf_names(state), jax.tree_util.tree_leaves(state), strict=True)
+            },
+            str(directory / "model.safetensors"),
+        )
+        self.model_config = SimpleNamespace(model=str(directory))
 
 
 def test_jax_extension_replaces_the_runners_state_without_recompiling():
@@ -356,19 +373,27 @@ def test_jax_extension_fails_loudly_when_a_perturbation_recompiles():
         worker.es_perturb(2, 0.05)
 
 
-def test_jax_extension_moves_the_master_by_leaf_name(tmp_path):
+def test_jax_extension_moves_the_master_by_checkpoint_name(tmp_path):
     worker = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
     base = worker.es_setup()["fingerprint"]
     updated = worker.es_apply_update([(5, 1e-2)])
     master = load_file(worker.es_master(str(tmp_path)))
-    assert sorted(master) == sorted(
-        ["['layer1']['bias']", "['layer1']['kernel']", "['layer2']['bias']", "['layer2']['kernel']"]
-    )
+    assert sorted(master) == ["layer1.bias", "layer1.kernel", "layer2.bias", "layer2.kernel"]
     other = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
     assert other.es_setup()["fingerprint"] == base
-    assert other.es_load_master(str(tmp_path / "state.safetensors")) == updated
+    assert other.es_load_master(str(tmp_path / "master.safetensors")) == updated
     x = jnp.ones((4, 16))
     assert np.array_equal(other.model_runner.run(x), worker.model_runner.run(x))
-    save_file({"['layer1']['bias']": np.zeros(32, dtype=np.float32)}, str(tmp_path / "partial.safetensors"))
-    with pytest.raises(ValueError, match="missing"):
+    save_file({"layer1.bias": np.zeros(32, dtype=np.float32)}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(LayoutError, match="missing"):
         other.es_load_master(str(tmp_path / "partial.safetensors"))
+
+
+def test_jax_extension_refuses_weights_that_do_not_map_onto_the_checkpoint():
+    worker = mixed_in(StandInTpuWorker, JaxWorkerExtension)()
+    path = Path(worker.model_config.model) / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["layer2.kernel"] = tensors["layer2.kernel"] + 1
+    save_file(tensors, str(path))
+    with pytest.raises(LayoutError, match="layer2.kernel: the runner's weights, mapped back, differ"):
+        worker.es_setup()
