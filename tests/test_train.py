@@ -20,6 +20,7 @@ from train_scenarios import (
     assert_same_metrics,
     checkpoint_kinds,
     ctrl_c_then_resume,
+    held_run_refused_then_resume,
     killed_engine_restarts,
     sigterm_then_resume,
     train_iterations,
@@ -118,6 +119,12 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):
     ctrl_c_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
+
+
+def test_a_second_driver_is_refused_and_resume_takes_over_a_killed_drivers_lock(
+    reference_run, tmp_path, capsys
+):
+    held_run_refused_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
 
 
 def test_sigterm_finishes_the_iteration_and_resume_reproduces_the_run(reference_run, tmp_path, capsys):

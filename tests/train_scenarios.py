@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -99,4 +102,58 @@ def killed_engine_restarts(common: list[str], reference: Path, iterations: int, 
     assert status == train.EXIT_OK
     assert killed
     assert "warning: engine 1 died" in capsys.readouterr().out
+    assert_same_metrics(out, reference)
+
+
+_HOLD_RUN_LOCK = """
+import sys, time
+from driver.run_lock import RunLock
+lock = RunLock(sys.argv[1])  # kept: the lock is released when its object is collected
+lock.acquire()
+print("HELD", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_run_lock(root: Path) -> subprocess.Popen:
+    """Another driver, as far as the run directory `root` can tell: a process (this interpreter and
+    sys.path) that takes its `driver.run_lock.RunLock` and sleeps. Kill it when done."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_RUN_LOCK, str(root)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().strip() == "HELD"
+    return proc
+
+
+def held_run_refused_then_resume(
+    common: list[str], reference: Path, iterations: int, out: Path, capsys
+) -> None:
+    """A run stopped by Ctrl-C in iteration 2; while another live driver holds its directory, `--resume`
+    is refused at once (exit 2, naming the holder's pid) and changes no file; once that driver is
+    SIGKILLed, `--resume` takes the lock over by itself and ends exactly as the uninterrupted run."""
+    args = [*common, "--model-dir", str(reference / "base-model"), "--iterations", str(iterations)]
+    args += ["--output-dir", str(out)]
+
+    def ctrl_c_in_iteration_2(trainer, iteration, member, engine):
+        if iteration == 2 and member == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train.main([*args, "--stop-deadline", "0"], on_member_done=ctrl_c_in_iteration_2) == 130
+    capsys.readouterr()
+    holder = hold_run_lock(out)
+    try:
+        files = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        started = time.monotonic()
+        assert train.main([*args, "--resume"]) == train.EXIT_INVALID
+        assert time.monotonic() - started < 60, "the second driver did not fail fast"
+        assert (
+            f"is in use by another driver (host {os.uname().nodename}, pid {holder.pid}"
+            in capsys.readouterr().err
+        )
+        assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == files
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main([*args, "--resume"]) == train.EXIT_OK
     assert_same_metrics(out, reference)

@@ -7,9 +7,10 @@ runs/<UTC time>/. `--help` lists every option with its default and unit; `--conf
 TOML or YAML.
 
 Exit status: 0 completed, 1 failed (engines, Ray, a checkpoint that cannot be written), 2 invalid
-configuration or data, 128 + the signal's number when stopped: 130 by Ctrl-C (SIGINT), 143 by SIGTERM (a
-spot VM's preemption notice). A stop keeps the work of every finished iteration in a checkpoint; continue
-it with --resume --output-dir DIR.
+configuration or data, or an output directory another live driver holds (`driver.run_lock`), 128 + the
+signal's number when stopped: 130 by Ctrl-C (SIGINT), 143 by SIGTERM (a spot VM's preemption notice). A
+stop keeps the work of every finished iteration in a checkpoint; continue it with --resume --output-dir
+DIR.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from driver.engine_pool import (
     preflight,
 )
 from driver.reward_plot import write_reward_plot
+from driver.run_lock import RunLock
+from driver.task_data import Problems
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
 from driver.trainer import EngineSyncError, Trainer, open_run
 from shared.run_layout import RunDir, RunDirError
@@ -122,10 +125,31 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
         config, given = config_from_args(args)
         if config.output_dir is None:
             config = TrainConfig(**{**config.to_dict(), "output_dir": default_output_dir()})
-        config, problems, resume_state = open_run(config, given)
+        requested = config
+        config, problems, resume_state = open_run(requested, given)
+        # Validated before the lock (nothing is written for a bad command line); once more under it, so
+        # that a driver which got there first (a new run, a newer checkpoint) is seen.
+        lock = RunLock(config.output_dir)
+        lock.acquire()
     except (ConfigError, DatasetError, RunDirError) as e:
         print(f"train: {e}", file=sys.stderr)
         return EXIT_INVALID
+    try:
+        config, problems, resume_state = open_run(requested, given)
+    except (ConfigError, DatasetError, RunDirError) as e:
+        lock.release()
+        print(f"train: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return _train(config, problems, resume_state, argv, on_member_done)
+    finally:
+        lock.release()
+
+
+def _train(
+    config: TrainConfig, problems: Problems, resume_state: dict | None, argv: list[str], on_member_done
+) -> int:
+    """`main` after the run directory is validated and locked: engines, Ray, the run, the summary."""
     try:
         spec = prepare_engines(config)
     except (EngineBuildError, EnginePreflightError) as e:
