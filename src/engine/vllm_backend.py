@@ -15,7 +15,6 @@ never imports JAX (its resolve lacks it), so it cannot initialise a TPU.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -248,10 +247,6 @@ class VLLMBackend:
             from engine import tpu_emulation  # pants: no-infer-dep (TPU engine only)
 
             tpu_emulation.install(hbm_gib=cpu["cpu_kv_cache_gib"])
-            # Without memory stats, tpu-inference sizes HBM use from `jax.live_arrays()` and fails on a
-            # deleted (donated) array that garbage collection has not freed yet: another engine of this
-            # process that updated its weights leaves such arrays behind.
-            gc.collect()
             for name, value in tpu_emulation.llm_kwargs(tensor_parallel_size).items():
                 llm_kwargs.setdefault(name, value)
         from vllm import LLM
