@@ -280,7 +280,7 @@ def _split_kv(rows: Any, num_kv_heads: int, head_dim: int, hd64: bool) -> tuple[
     return kv[:, :, 0], kv[:, :, 1]
 
 
-def _paged_attention(
+def paged_attention(
     queries: Any,
     keys: Any,
     values: Any,
@@ -290,23 +290,50 @@ def _paged_attention(
     cu_q_lens: Any,
     distribution: Any,
     *,
-    hd64: bool,
-    sm_scale: float,
-    sliding_window: int | None,
-    soft_cap: float | None,
-    use_causal_mask: bool,
-    update_kv_cache: bool,
-    out_dtype: Any,
-    mask_value: float | None,
-    scales: tuple[Any, ...],
+    use_causal_mask: bool = True,
+    update_kv_cache: bool = True,
+    sm_scale: float = 1.0,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    out_dtype: Any = None,
+    mask_value: float | None = None,
+    q_scale: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    hd64: bool = False,
+    **tuning: Any,
 ) -> tuple[Any, Any]:
+    """Ragged paged attention in plain JAX with the signature and KV cache layout of tpu-inference's RPA
+    v3 kernel (`kernels.ragged_paged_attention.v3.kernel.ragged_paged_attention`; the kernel's tuning
+    and debug arguments are accepted and ignored), or with `hd64` the head_dim-64 kernel's layout
+    (`paged_attention_hd64`). Jittable: every shape is static.
+
+    Each query token t of sequence s (cu_q_lens[s] <= t < cu_q_lens[s + 1], s < distribution[2]) sits
+    at position kv_lens[s] - q_len(s) + (t - cu_q_lens[s]); its key and value are written into the
+    cache page `page_indices[s * pages_per_seq + position // page_size]`, and it attends (softmax in
+    float32, scaled by sm_scale) to the positions <= its own (causal) below kv_lens[s].
+
+    Args:
+        queries: [max_num_tokens, num_q_heads, head_dim]; keys, values: [max_num_tokens, num_kv_heads,
+            head_dim]; kv_cache: [total_num_pages, page_size, num_kv_heads_x2 // packing, packing,
+            align(head_dim, 128)]; kv_lens: int32[max_num_seqs]; page_indices: int32[max_num_seqs *
+            pages_per_seq]; cu_q_lens: int32[max_num_seqs + 1]; distribution: int32[3] (decode,
+            prefill+decode, all sequences: cumulative counts).
+
+    Returns:
+        (output [max_num_tokens, num_q_heads, head_dim] in out_dtype (float32 for float32 queries, else
+        bfloat16), the updated kv_cache); padding tokens' output is 0.
+
+    Raises:
+        NotImplementedError: q_scale, k_scale or v_scale given (quantized KV caches).
+    """
     import jax
     import jax.numpy as jnp
 
     # tpu-inference arrives with vllm-tpu (not a direct requirement: Pants cannot infer it).
     from tpu_inference.kernels.ragged_paged_attention.v3 import kernel, kernel_hd64  # pants: no-infer-dep
 
-    if any(s is not None for s in scales):
+    if any(s is not None for s in (q_scale, k_scale, v_scale)):
         raise NotImplementedError("emulated paged attention: quantized KV cache scales are not supported")
     if out_dtype is None:
         out_dtype = jnp.float32 if queries.dtype == jnp.float32 else jnp.bfloat16
@@ -365,72 +392,6 @@ def _paged_attention(
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(out_dtype), flat.reshape(kv_cache.shape)
 
 
-def paged_attention(
-    queries: Any,
-    keys: Any,
-    values: Any,
-    kv_cache: Any,
-    kv_lens: Any,
-    page_indices: Any,
-    cu_q_lens: Any,
-    distribution: Any,
-    *,
-    use_causal_mask: bool = True,
-    update_kv_cache: bool = True,
-    sm_scale: float = 1.0,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-    out_dtype: Any = None,
-    mask_value: float | None = None,
-    q_scale: float | None = None,
-    k_scale: float | None = None,
-    v_scale: float | None = None,
-    **tuning: Any,
-) -> tuple[Any, Any]:
-    """Ragged paged attention in plain JAX with the signature and KV cache layout of tpu-inference's RPA
-    v3 kernel (`kernels.ragged_paged_attention.v3.kernel.ragged_paged_attention`; the kernel's tuning
-    and debug arguments are accepted and ignored). Jittable: every shape is static.
-
-    Each query token t of sequence s (cu_q_lens[s] <= t < cu_q_lens[s + 1], s < distribution[2]) sits
-    at position kv_lens[s] - q_len(s) + (t - cu_q_lens[s]); its key and value are written into the
-    cache page `page_indices[s * pages_per_seq + position // page_size]`, and it attends (softmax in
-    float32, scaled by sm_scale) to the positions <= its own (causal) below kv_lens[s].
-
-    Args:
-        queries: [max_num_tokens, num_q_heads, head_dim]; keys, values: [max_num_tokens, num_kv_heads,
-            head_dim]; kv_cache: [total_num_pages, page_size, num_kv_heads_x2 // packing, packing,
-            align(head_dim, 128)]; kv_lens: int32[max_num_seqs]; page_indices: int32[max_num_seqs *
-            pages_per_seq]; cu_q_lens: int32[max_num_seqs + 1]; distribution: int32[3] (decode,
-            prefill+decode, all sequences: cumulative counts).
-
-    Returns:
-        (output [max_num_tokens, num_q_heads, head_dim] in out_dtype (float32 for float32 queries, else
-        bfloat16), the updated kv_cache); padding tokens' output is 0.
-
-    Raises:
-        NotImplementedError: q_scale, k_scale or v_scale given (quantized KV caches).
-    """
-    return _paged_attention(
-        queries,
-        keys,
-        values,
-        kv_cache,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        distribution,
-        hd64=False,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        use_causal_mask=use_causal_mask,
-        update_kv_cache=update_kv_cache,
-        out_dtype=out_dtype,
-        mask_value=mask_value,
-        scales=(q_scale, k_scale, v_scale),
-    )
-
-
 def paged_attention_hd64(
     queries: Any,
     keys: Any,
@@ -441,42 +402,18 @@ def paged_attention_hd64(
     cu_q_lens: Any,
     distribution: Any,
     attention_sink: Any = None,
-    *,
-    sm_scale: float = 1.0,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-    out_dtype: Any = None,
-    mask_value: float | None = None,
-    q_scale: float | None = None,
-    k_scale: float | None = None,
-    v_scale: float | None = None,
-    **tuning: Any,
+    **options: Any,
 ) -> tuple[Any, Any]:
     """`paged_attention` for head_dim 64 with the KV cache layout of tpu-inference's
     `kernel_hd64.ragged_paged_attention_hd64` ([total_num_pages, page_size, num_kv_heads // packing,
-    packing, 128], a head's key and value side by side).
+    packing, 128], a head's key and value side by side); `options` as that kernel takes them (causal,
+    always updating the cache).
 
     Raises:
         NotImplementedError: an attention sink, or KV cache scales, given.
     """
     if attention_sink is not None:
         raise NotImplementedError("emulated paged attention: attention sinks are not supported")
-    return _paged_attention(
-        queries,
-        keys,
-        values,
-        kv_cache,
-        kv_lens,
-        page_indices,
-        cu_q_lens,
-        distribution,
-        hd64=True,
-        sm_scale=sm_scale,
-        sliding_window=sliding_window,
-        soft_cap=soft_cap,
-        use_causal_mask=True,
-        update_kv_cache=True,
-        out_dtype=out_dtype,
-        mask_value=mask_value,
-        scales=(q_scale, k_scale, v_scale),
+    return paged_attention(
+        queries, keys, values, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, hd64=True, **options
     )
