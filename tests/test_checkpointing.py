@@ -8,7 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from driver.checkpointing import CheckpointError, es_state, full_due, model_digest, prune, restore_plan
+from driver import evaluate
+from driver.checkpointing import (
+    CheckpointError,
+    es_state,
+    full_due,
+    model_digest,
+    prune,
+    restore_plan,
+    resume_point,
+    verify,
+    weight_files,
+)
+from driver.train import EXIT_INVALID
 from shared.run_layout import COMPACT, FULL, RunDir, write_json_atomic
 from shared.seeds import NOISE_VERSION
 
@@ -23,22 +35,26 @@ def base(tmp_path: Path) -> Path:
 
 
 def write_checkpoint(run: RunDir, updates: int, kind: str, anchor: int, base: Path) -> Path:
-    """A checkpoint directory as the trainer writes it (a full one gets an empty model/ directory)."""
+    """A checkpoint directory as the trainer writes it (a full one gets a model/ directory of two files,
+    whose sizes and digests es_state.json records)."""
     history = [{"iteration": k, "update": [[100 + k, 0.5]], "reward_mean": 0.0} for k in range(updates)]
+    path = run.checkpoint_path(updates)
+    if kind == FULL:
+        (path / "model").mkdir(parents=True)
+        (path / "model" / "config.json").write_text('{"hidden_size": 8}\n')
+        (path / "model" / "model.safetensors").write_bytes(bytes(range(256)) * updates)
     state = es_state(
         kind=kind,
         updates=updates,
         anchor=anchor,
         fingerprint=f"fp{updates}",
-        strategy={"iteration": updates, "history": history},
+        strategy={"config": {}, "root_seed": 0, "iteration": updates, "history": history},
         problems_digest="d",
         has_master=False,
         base_model={"path": str(base), "digest": model_digest(base)},
         device="cpu",
+        files=weight_files(path) if kind == FULL else None,
     )
-    path = run.checkpoint_path(updates)
-    if kind == FULL:
-        (path / "model").mkdir(parents=True)
     write_json_atomic(path / "es_state.json", state)
     return path
 
@@ -118,3 +134,152 @@ def test_replay_is_refused_when_the_base_model_changed(tmp_path, base):
     state = json.loads((run.checkpoint_path(3) / "es_state.json").read_text())
     with pytest.raises(CheckpointError, match="base model .* changed since"):
         restore_plan(run, 3, state, "cpu")
+
+
+# ---- damaged checkpoints (issue 24, item 3) ----------------------------------------------------------
+
+
+@pytest.fixture
+def run(tmp_path, base) -> RunDir:
+    """Full after 2 and 4 updates, compact after 3 (onto 2) and 5 (onto 4) and 1 (onto the base model)."""
+    run = RunDir(tmp_path / "run")
+    write_checkpoint(run, 1, COMPACT, 0, base)
+    write_checkpoint(run, 2, FULL, 2, base)
+    write_checkpoint(run, 3, COMPACT, 2, base)
+    write_checkpoint(run, 4, FULL, 4, base)
+    write_checkpoint(run, 5, COMPACT, 4, base)
+    return run
+
+
+def truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+def test_every_checkpoint_of_an_intact_run_verifies_and_resume_takes_the_newest(run):
+    for updates, path in run.list_checkpoints():
+        assert verify(path, run)["updates"] == updates
+    point = resume_point(run)
+    assert (point.updates, point.path.name, point.skipped) == (5, "iter-000005", [])
+    assert resume_point(RunDir(run.root.parent / "empty")) is None
+
+
+def damage_truncated_es_state(run: RunDir) -> tuple[int, str]:
+    truncate(run.checkpoint_path(5) / "es_state.json", 100)
+    return 4, "iter-000005/es_state.json: not valid JSON"
+
+
+def damage_incomplete_es_state(run: RunDir) -> tuple[int, str]:
+    state = run.read_checkpoint_state(run.checkpoint_path(5))
+    del state["fingerprint"]
+    write_json_atomic(run.checkpoint_path(5) / "es_state.json", state)
+    return 4, "iter-000005/es_state.json: incomplete, no 'fingerprint'"
+
+
+def damage_truncated_shard(run: RunDir) -> tuple[int, str]:
+    truncate(run.checkpoint_path(4) / "model" / "model.safetensors", 700)
+    # 5 replays onto 4, so both are skipped; 3 replays onto the intact 2.
+    return 3, "iter-000004/model/model.safetensors has 700 bytes, recorded 1024"
+
+
+def damage_missing_shard(run: RunDir) -> tuple[int, str]:
+    (run.checkpoint_path(4) / "model" / "model.safetensors").unlink()
+    return 3, "iter-000004/model/model.safetensors is missing"
+
+
+def damage_rewritten_shard(run: RunDir) -> tuple[int, str]:
+    shard = run.checkpoint_path(4) / "model" / "model.safetensors"
+    shard.write_bytes(bytes(reversed(shard.read_bytes())))
+    return 3, "model.safetensors: sha256 differs from the recorded one"
+
+
+def damage_deleted_anchor(run: RunDir) -> tuple[int, str]:
+    import shutil
+
+    shutil.rmtree(run.checkpoint_path(4))
+    return 3, "iter-000005: its anchor iter-000004 does not verify"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        damage_truncated_es_state,
+        damage_incomplete_es_state,
+        damage_truncated_shard,
+        damage_missing_shard,
+        damage_rewritten_shard,
+        damage_deleted_anchor,
+    ],
+)
+def test_resume_falls_back_past_damaged_checkpoints_naming_the_file_and_deletes_nothing(run, damage):
+    expected, why = damage(run)
+    damaged = snapshot(run.root)
+    point = resume_point(run)
+    assert point.updates == expected
+    assert point.skipped and why in point.skipped[0][1], point.skipped
+    assert [path.name for path, _ in point.skipped] == [
+        path.name for updates, path in reversed(run.list_checkpoints()) if updates > expected
+    ]
+    assert snapshot(run.root) == damaged, "verification changes nothing"
+
+
+@pytest.mark.parametrize("damage", [damage_truncated_es_state, damage_truncated_shard, damage_missing_shard])
+def test_retention_deletes_no_damaged_checkpoint_and_keeps_the_fallback(run, damage):
+    """Retention checks sizes, not digests (it runs after every checkpoint): a partial file is seen."""
+    expected, _ = damage(run)
+    skipped = [path for path, _ in resume_point(run).skipped]
+    prune(run, keep_full=1)
+    assert all(path.exists() for path in skipped)
+    assert resume_point(run).updates == expected
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_compact_checkpoint_onto_a_changed_base_model_is_skipped(run, base):
+    (base / "model.safetensors").write_bytes(b"\1" * 64)
+    with pytest.raises(CheckpointError, match="iter-000001: its base model .* changed since"):
+        verify(run.checkpoint_path(1), run)
+    assert resume_point(run).updates == 5
+
+
+def test_when_no_checkpoint_verifies_resume_refuses_naming_each(run):
+    for _, path in run.list_checkpoints():
+        truncate(path / "es_state.json", 10)
+    with pytest.raises(CheckpointError, match="no checkpoint of .* verifies") as raised:
+        resume_point(run)
+    assert str(raised.value).count("not valid JSON") == 5
+
+
+def test_a_damaged_checkpoint_is_set_aside_under_another_name(run):
+    path = run.checkpoint_path(5)
+    assert run.set_aside(path).name == "iter-000005.damaged"
+    write_checkpoint(run, 5, COMPACT, 4, run.root)
+    assert run.set_aside(path).name == "iter-000005.damaged-2"
+    assert [u for u, _ in run.list_checkpoints()] == [1, 2, 3, 4]
+
+
+def test_a_full_checkpoint_without_recorded_files_is_checked_for_its_files(run):
+    """Checkpoints written before the file table was recorded verify by the files being there."""
+    path = run.checkpoint_path(4)
+    state = run.read_checkpoint_state(path)
+    del state["files"]
+    write_json_atomic(path / "es_state.json", state)
+    assert verify(path, run)["updates"] == 4
+    (path / "model" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="iter-000004/model holds no .*safetensors file"):
+        verify(path, run)
+
+
+@pytest.mark.parametrize(
+    ("damage", "checkpoint"),
+    [(damage_truncated_es_state, 5), (damage_truncated_shard, 4), (damage_deleted_anchor, 5)],
+)
+def test_evaluate_of_a_damaged_checkpoint_is_a_clear_error_naming_the_file(run, capsys, damage, checkpoint):
+    _, why = damage(run)
+    write_json_atomic(run.config, {})  # the checkpoints belong to a run
+    assert evaluate.main([str(run.checkpoint_path(checkpoint))]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate: ") and why in err, err
+    assert "Traceback" not in err

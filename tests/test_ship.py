@@ -146,6 +146,107 @@ def test_a_tampered_file_is_refused_and_the_previous_release_kept(built, tmp_pat
     assert not staging.exists()
 
 
+def installer(staging: Path, host: Path, bundle: ship.Bundle, *extra: str) -> int:
+    """The host's installer told to expect `bundle`, as `ship` runs it."""
+    return host_install.main(
+        [*ship.installer_args(bundle, str(staging), str(host), sys.executable)[2:], *extra]
+    )
+
+
+def test_a_consistently_rewritten_file_and_manifest_are_refused(built, tmp_path, capsys):
+    """Someone between build machine and host rewrote a file and the manifest to match (a new id): the
+    files verify against that manifest, but the installer expects the build's bundle and refuses."""
+    host = tmp_path / "host"
+    assert ship_local(built, host, prepare=False) == 0
+    forged = changed_copy(built, tmp_path / "forged", changed="train.pex")
+    staging, _, _ = ship.stage_local(forged, host)
+    staging = staging.rename(host / f".staging-{built.id}")
+    assert host_install.verify(staging, forged.manifest) == [], "the files match the forged manifest"
+    assert installer(staging, host, built) == 1
+    err = capsys.readouterr().err
+    assert f"holds bundle {forged.id!r}, but the build machine sent bundle {built.id!r}" in err
+    assert (host / "current").resolve().name == built.id and not staging.exists()
+    # The same manifest id with other manifest bytes (e.g. another vm_python) is refused by its sha256.
+    staging, _, _ = ship.stage_local(built, host)
+    manifest = dict(built.manifest, vm_python="/tmp/evil/python3.12")
+    (staging / host_install.MANIFEST).write_text(json.dumps(manifest))
+    assert installer(staging, host, built) == 1
+    assert f"but the build machine's manifest has {built.manifest_sha256}" in capsys.readouterr().err
+    assert (host / "current").resolve().name == built.id
+
+
+def forge(bundle: ship.Bundle, staging: Path, rel: str) -> None:
+    """Adds `rel` (pointing at a file the test put there) to the staged manifest, with its true sha256 and
+    size and a matching id, so that only the path rules can refuse it."""
+    manifest = json.loads((staging / host_install.MANIFEST).read_text())
+    target = Path(rel) if rel.startswith("/") else staging / rel
+    manifest["files"][rel] = {"sha256": host_install.sha256_file(target), "size": target.stat().st_size}
+    manifest["id"] = host_install.bundle_id(manifest["files"])
+    (staging / host_install.MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("traversal", "not a normalised relative path"),
+        ("absolute", "an absolute path"),
+        ("symlink", "not a regular file"),
+        ("symlinked-directory", "extra/payload.py: missing"),
+    ],
+)
+def test_unsafe_manifest_paths_are_refused(built, tmp_path, capsys, kind, why):
+    host = tmp_path / "host"
+    assert ship_local(built, host, prepare=False) == 0
+    staging, _, _ = ship.stage_local(built, host)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "payload.py").write_text("print('not from the build machine')\n")
+    rel = {
+        "traversal": f"../../{outside.name}/payload.py",
+        "absolute": str(outside / "payload.py"),
+        "symlink": "payload.py",
+        "symlinked-directory": "extra/payload.py",
+    }[kind]
+    if kind == "symlink":
+        (staging / rel).symlink_to(outside / "payload.py")
+    if kind == "symlinked-directory":
+        (staging / "extra").symlink_to(outside)
+    forge(built, staging, rel)
+    manifest = json.loads((staging / host_install.MANIFEST).read_text())
+    args = ["--staging", str(staging), "--dest", str(host), "--expect-id", manifest["id"]]
+    assert host_install.main([*args, "--fill-from-current"]) == 1
+    err = capsys.readouterr().err
+    assert why in err and "nothing was installed" in err, err
+    assert (host / "current").resolve().name == built.id and not staging.exists()
+    assert sorted(p.name for p in outside.iterdir()) == ["payload.py"], "nothing written outside"
+
+
+def test_ship_reports_a_refusing_host_and_installs_the_others(built, tmp_path, capfd, monkeypatch):
+    """Host b's staging is rewritten (consistently) before its installer runs: ship names host b and the
+    installer's reason, host a gets the bundle, host b keeps its release."""
+    hosts = [tmp_path / "host-a", tmp_path / "host-b"]
+    assert ship_local(built, hosts[1], prepare=False) == 0
+    forged = changed_copy(built, tmp_path / "forged", changed="train.pex")
+    real_stage = ship.stage_local
+
+    def stage_forged_on_host_b(bundle, dest):
+        if dest != hosts[1]:
+            return real_stage(bundle, dest)
+        staging, copied, linked = real_stage(forged, dest)
+        return staging.rename(dest / f".staging-{bundle.id}"), copied, linked
+
+    monkeypatch.setattr(ship, "stage_local", stage_forged_on_host_b)
+    capfd.readouterr()
+    assert ship_local(built, *hosts, prepare=False) == 1
+    err = capfd.readouterr().err
+    assert f"ship: {hosts[1]}: failed with exit status 1" in err
+    assert f"| install: {hosts[1]}/.staging-{built.id} holds bundle {forged.id!r}, but the build " in err
+    assert f"ship: not installed on ['{hosts[1]}']" in err
+    assert (hosts[0] / "current").resolve().name == built.id
+    assert (hosts[1] / "current").resolve().name == built.id
+    assert host_install.verify(hosts[1] / "current", built.manifest) == []
+
+
 def test_a_bundle_that_does_not_match_its_manifest_is_not_shipped(built, tmp_path, capsys):
     broken = changed_copy(built, tmp_path / "broken")
     (broken.path / "train.pex").write_bytes(b"not a pex")
@@ -165,8 +266,9 @@ def test_ssh_commands(built):
     assert rsync[-2:] == [f"{built.path}/", f"vm-1:{staging}/"]
     assert install[:2] == ["ssh", "vm-1"]
     assert install[2] == (
-        f"{python} {staging}/install.py --staging {staging} --dest /opt/hes --python {python} "
-        "--pex-root '~/.cache/p' --prepare"
+        f"{python} {staging}/install.py --staging {staging} --dest /opt/hes --expect-id {built.id} "
+        f"--expect-manifest-sha256 {built.manifest_sha256} --python {python} --pex-root '~/.cache/p' "
+        "--prepare"
     )
 
 

@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -119,6 +120,36 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):
     ctrl_c_then_resume(COMMON, reference_run, ITERATIONS, tmp_path / "run", capsys)
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_ends_as_the_uninterrupted_run(
+    reference_run, tmp_path, capsys
+):
+    """A copy of the reference run whose newest checkpoint (full, after 4 updates) lost half its weights
+    file: `--resume` says it skips it, naming the file, keeps it as iter-000004.damaged, replays the
+    compact checkpoint after 2 updates and ends with the reference's metrics and weights."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    shard = out / "checkpoints" / "iter-000004" / "model" / "model.safetensors"
+    size = shard.stat().st_size
+    with shard.open("r+b") as f:
+        f.truncate(size // 2)
+    status = train.main([*COMMON, "--iterations", str(ITERATIONS), "--output-dir", str(out), "--resume"])
+    assert status == train.EXIT_OK
+    printed = capsys.readouterr().out
+    assert "warning: skipped a checkpoint that does not verify: " in printed
+    assert f"{shard} has {size // 2} bytes, recorded {size} (truncated or replaced)" in printed
+    assert "resuming from iter-000002" in printed and "replaying 2 updates onto" in printed
+    assert (out / "checkpoints" / "iter-000004.damaged" / "model" / "model.safetensors").stat().st_size == (
+        size // 2
+    )
+    assert_same_metrics(out, reference_run)
+    assert checkpoint_kinds(out)["iter-000004"] == "full"
+    resumed, reference = (
+        json.loads((run / "checkpoints" / "iter-000004" / "es_state.json").read_text())["fingerprint"]
+        for run in (out, reference_run)
+    )
+    assert resumed == reference
 
 
 def test_a_second_driver_is_refused_and_resume_takes_over_a_killed_drivers_lock(

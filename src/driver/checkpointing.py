@@ -20,17 +20,28 @@ is refused, naming why, when the noise version, the device type or the base mode
 Retention (`prune`, --keep-full N) keeps the newest N full checkpoints and every compact checkpoint
 whose anchor is kept or is the base model, so it never deletes the newest full checkpoint or anything a
 kept compact checkpoint needs.
+
+Verification (`verify`, `resume_point`): copies from buckets and disks that fill up leave partial files.
+A full checkpoint records the sha256 and size of each of its files in es_state.json ("files"), so a
+truncated or missing shard is found before any engine starts; `--resume` takes the newest checkpoint that
+verifies, says which newer ones it skipped and why, and never deletes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.run_layout import COMPACT, FULL, RunDir, checkpoint_files
+from driver.strategy import Strategy
+from shared.run_layout import COMPACT, ES_STATE, EVAL, FULL, RunDir, checkpoint_files
 from shared.seeds import NOISE_VERSION
+
+# es_state.json keys every checkpoint has, and those a compact one adds.
+REQUIRED = ("updates", "fingerprint", "strategy", "problems_digest")
+REQUIRED_COMPACT = ("anchor", "base_model", "noise")
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +69,28 @@ class Restore:
     fingerprint: str | None
 
 
+def is_full(state: dict[str, Any]) -> bool:
+    """True for the es_state.json of a full checkpoint (also one written before compact checkpoints
+    existed, without "kind")."""
+    return state.get("kind", FULL) == FULL
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(root: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """(relative POSIX path, path) of every file under `root`, in path order, without hidden names and
+    the top-level names in `skip`."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if not any(part.startswith(".") for part in relative.parts) and relative.as_posix() not in skip:
+            found.append((relative.as_posix(), path))
+    return found
+
+
 def model_digest(model_dir: str | Path) -> str:
     """SHA-256 (hex) over the relative path, size and bytes of every file under `model_dir` (hidden names
     skipped), in path order: the identity of a base model that compact checkpoints replay onto.
@@ -69,14 +102,24 @@ def model_digest(model_dir: str | Path) -> str:
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a model directory")
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        digest.update(f"{relative.as_posix()}|{path.stat().st_size}|".encode())
-        with path.open("rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+    for relative, path in _files(root):
+        digest.update(f"{relative}|{path.stat().st_size}|".encode())
+        digest.update(bytes.fromhex(_sha256(path)))
     return digest.hexdigest()
+
+
+def weight_files(checkpoint: str | Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size" (bytes), "sha256" (hex)}} of the files engine 0 wrote into a checkpoint
+    directory (model/ and the master; not es_state.json or eval.json): what es_state.json records as
+    "files" and `verify` checks.
+
+    Raises:
+        OSError: a file is unreadable.
+    """
+    return {
+        relative: {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for relative, path in _files(Path(checkpoint), skip=(ES_STATE, EVAL))
+    }
 
 
 def full_due(updates: int, iterations: int, full_every: int) -> bool:
@@ -96,10 +139,11 @@ def es_state(
     has_master: bool,
     base_model: dict[str, str] | None,
     device: str,
+    files: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The es_state.json of a checkpoint after `updates` updates (see the module docstring). `anchor` is
     the updates of the full checkpoint (0: base model) a compact one replays onto; for a full one,
-    `updates` itself. `base_model` is {"path", "digest"}."""
+    `updates` itself. `base_model` is {"path", "digest"}; `files` (full checkpoints) is `weight_files`."""
     return {
         "kind": kind,
         "updates": updates,
@@ -110,6 +154,7 @@ def es_state(
         "has_master": has_master,
         "base_model": base_model,
         "noise": {"version": NOISE_VERSION, "device": device},
+        **({"files": files} if files is not None else {}),
     }
 
 
@@ -126,6 +171,11 @@ def _replay_refusal(state: dict[str, Any], device: str) -> str | None:
             f"it was written by engines on {noise.get('device')}, this run's engines use {device}, whose "
             "random number generators draw other noise from the same seeds"
         )
+    return _base_refusal(state)
+
+
+def _base_refusal(state: dict[str, Any]) -> str | None:
+    """Why the base model a compact checkpoint replays onto is not the one it was trained from, or None."""
     base = state.get("base_model") or {}
     try:
         digest = model_digest(base.get("path", ""))
@@ -153,7 +203,7 @@ def restore_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: s
             anchor checkpoint is missing.
     """
     path = run_dir.checkpoint_path(updates)
-    if state.get("kind", FULL) == FULL:
+    if is_full(state):
         files = checkpoint_files(path)
         master = str(files.master) if state.get("has_master") else None
         return Restore(Anchor(updates, str(files.model), master), [], state["fingerprint"])
@@ -183,14 +233,146 @@ def prune(run_dir: RunDir, keep_full: int) -> list[int]:
     every checkpoint. Returns the updates of the checkpoints deleted."""
     if keep_full <= 0:
         return []
-    kinds = {updates: run_dir.read_checkpoint_state(path) for updates, path in run_dir.list_checkpoints()}
-    full = [u for u, state in kinds.items() if state.get("kind", FULL) == FULL]
+    kinds = {}
+    for updates, path in run_dir.list_checkpoints():
+        try:
+            kinds[updates] = verify(path, run_dir, read_bytes=False)
+        except CheckpointError:
+            continue  # a damaged checkpoint is never deleted, nor counted as kept
+    full = [u for u, state in kinds.items() if is_full(state)]
     kept_full = set(full[-keep_full:])
     doomed = [
         u
         for u, state in kinds.items()
-        if (u not in kept_full if state.get("kind", FULL) == FULL else state["anchor"] not in kept_full | {0})
+        if (u not in kept_full if is_full(state) else state["anchor"] not in kept_full | {0})
     ]
     for updates in doomed:
         run_dir.remove_checkpoint(updates)
     return doomed
+
+
+def _damage(files: Any, root: Path, state: dict[str, Any], read_bytes: bool) -> str | None:
+    """What is wrong with a full checkpoint's weight files, or None. `files` is its recorded
+    `weight_files` (None for checkpoints written before they were recorded: then only their presence is
+    checked); without `read_bytes` only their presence and sizes are."""
+    model = checkpoint_files(root).model
+    if files is None:
+        if not (model / "config.json").is_file():
+            return f"{model / 'config.json'} is missing"
+        if not any(model.glob("*.safetensors")):
+            return f"{model} holds no *.safetensors file"
+        if state.get("has_master") and not checkpoint_files(root).master.is_file():
+            return f"{checkpoint_files(root).master} is missing"
+        return None
+    if not isinstance(files, dict) or not files:
+        return f'{root / ES_STATE}: "files" is not a table of the weight files'
+    for relative, meta in sorted(files.items()):
+        path = root / relative
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != meta.get("size"):
+            return f"{path} has {size} bytes, recorded {meta.get('size')} (truncated or replaced)"
+        if read_bytes and _sha256(path) != meta.get("sha256"):
+            return f"{path}: sha256 differs from the recorded one (damaged or replaced)"
+    return None
+
+
+def verify(path: str | Path, run_dir: RunDir | None = None, read_bytes: bool = True) -> dict[str, Any]:
+    """Checks that the checkpoint directory `path` can be restored; returns its es_state.json.
+
+    es_state.json must parse and be complete (its updates those of the directory's name, a strategy state
+    with that many updates of history). A full checkpoint's model files and master must match the sizes
+    and sha256 it recorded (sizes only without `read_bytes`: what retention checks, cheaply, after every
+    checkpoint); a compact one's anchor must be a full checkpoint of `run_dir` that verifies, or the base
+    model with the recorded digest.
+
+    Raises:
+        CheckpointError: the message names the file and what is wrong with it.
+    """
+    root = Path(path)
+    es_file = checkpoint_files(root).es_state
+    try:
+        state = json.loads(es_file.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{es_file}: unreadable: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{es_file}: not valid JSON (truncated?): {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{es_file}: expected a JSON object, found {type(state).__name__}")
+    kind = state.get("kind", FULL)
+    if kind not in (FULL, COMPACT):
+        raise CheckpointError(f'{es_file}: "kind" is {kind!r}, expected {FULL!r} or {COMPACT!r}')
+    missing = [key for key in REQUIRED + (REQUIRED_COMPACT if kind == COMPACT else ()) if key not in state]
+    if missing:
+        raise CheckpointError(f"{es_file}: incomplete, no {', '.join(map(repr, missing))}")
+    updates = state["updates"]
+    named = run_dir.checkpoint_updates(root) if run_dir is not None else None
+    if isinstance(updates, bool) or not isinstance(updates, int) or (named is not None and updates != named):
+        raise CheckpointError(f'{es_file}: "updates" is {updates!r}, expected {named} (the directory name)')
+    try:
+        strategy = Strategy.from_state_dict(state["strategy"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f'{es_file}: "strategy" is not a complete strategy state ({e!r})') from e
+    if strategy.iteration != updates or len(strategy.history) < updates:
+        raise CheckpointError(
+            f'{es_file}: "strategy" holds {len(strategy.history)} updates of history at iteration '
+            f"{strategy.iteration}, expected {updates}"
+        )
+    for number, record in enumerate(strategy.history[:updates]):
+        try:
+            [(int(seed), float(coefficient)) for seed, coefficient in record["update"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(
+                f'{es_file}: "strategy" history entry {number} has no list of (seed, coefficient) '
+                f'pairs under "update" ({e!r})'
+            ) from e
+    if kind == FULL:
+        why = _damage(state.get("files"), root, state, read_bytes)
+    elif state["anchor"] == 0:
+        why = _base_refusal(state)
+    elif run_dir is None:
+        why = f"it replays onto checkpoint {state['anchor']} of its run directory, which is unknown here"
+    else:
+        anchor = run_dir.checkpoint_path(int(state["anchor"]))
+        try:
+            anchor_state = verify(anchor, run_dir, read_bytes)
+        except CheckpointError as e:
+            why = f"its anchor {anchor.name} does not verify: {e}"
+        else:
+            why = None if is_full(anchor_state) else f"its anchor {anchor.name} is not a full checkpoint"
+    if why is not None:
+        raise CheckpointError(f"{root}: {why}")
+    return state
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where `--resume` goes on: the newest checkpoint that verifies (`updates`, `path`, its es_state.json
+    `state`) and the newer ones it skipped, each (path, why)."""
+
+    updates: int
+    path: Path
+    state: dict[str, Any]
+    skipped: list[tuple[Path, str]]
+
+
+def resume_point(run_dir: RunDir) -> ResumePoint | None:
+    """The newest checkpoint of `run_dir` that verifies (`verify`), or None when it has no checkpoint.
+
+    Raises:
+        CheckpointError: it has checkpoints and none verifies (each named with why).
+    """
+    skipped = []
+    for updates, path in reversed(run_dir.list_checkpoints()):
+        try:
+            return ResumePoint(updates, path, verify(path, run_dir), skipped)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        raise CheckpointError(
+            f"no checkpoint of {run_dir.root} verifies:\n"
+            + "\n".join(f"  {why}" for _, why in skipped)
+            + "\nRepair or move them aside (to start the run over, move aside its whole directory)"
+        )
+    return None

@@ -45,7 +45,8 @@ def _integer(value: Any) -> int | None:
 
 
 def parse_numbers(value: Any, where: str, field: str) -> tuple[int, ...]:
-    """A non-empty list of integers, or CountdownDataError naming `where` (file and row) and `field`."""
+    """A non-empty list of integers that fit a signed 64-bit integer (the reference renders them as a
+    numpy int64 array), or CountdownDataError naming `where` (file and row) and `field`."""
     if not isinstance(value, list | tuple) or not value:
         raise CountdownDataError(
             f"{where}: field '{field}': expected a non-empty list of integers, got {value!r}"
@@ -53,6 +54,10 @@ def parse_numbers(value: Any, where: str, field: str) -> tuple[int, ...]:
     numbers = tuple(_integer(item) for item in value)
     if None in numbers:
         raise CountdownDataError(f"{where}: field '{field}': expected integers, got {value!r}")
+    if any(not -(2**63) <= n < 2**63 for n in numbers):
+        raise CountdownDataError(
+            f"{where}: field '{field}': expected integers within a signed 64-bit range, got {value!r}"
+        )
     return numbers
 
 
@@ -83,6 +88,7 @@ def parse_reference_rows(rows: Any, source: str) -> list[CountdownProblem]:
     if not isinstance(rows, list):
         raise CountdownDataError(f"{source}: expected a JSON list of rows, got {type(rows).__name__}")
     problems = []
+    first_row: dict[int | str, int] = {}
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"
         row = _require(row, where, "id", "context", "numbers", "target")
@@ -92,6 +98,12 @@ def parse_reference_rows(rows: Any, source: str) -> list[CountdownProblem]:
             raise CountdownDataError(
                 f"{where}: field 'id': expected an integer or a string, got {row['id']!r}"
             )
+        if row["id"] in first_row:
+            raise CountdownDataError(
+                f"{where}: field 'id': {row['id']!r} is the id of row {first_row[row['id']]} too; ids must "
+                "be unique (the held-out split is chosen by id)"
+            )
+        first_row[row["id"]] = i
         solution = row.get("solution")
         if solution is not None and not isinstance(solution, str):
             raise CountdownDataError(

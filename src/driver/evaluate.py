@@ -14,11 +14,10 @@ checkpoint that cannot be replayed here, an empty held-out split).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from driver.checkpointing import Anchor, CheckpointError, Restore, restore_plan
+from driver.checkpointing import Anchor, CheckpointError, Restore, is_full, restore_plan, verify
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
 from driver.engine_pool import EnginePreflightError, EngineStartError
@@ -28,7 +27,6 @@ from driver.train_config import ConfigError, TrainConfig, build_parser, config_f
 from driver.trainer import EngineSyncError, Trainer
 from shared.run_layout import (
     ES_STATE,
-    FULL,
     MODEL,
     RunDir,
     RunDirError,
@@ -46,13 +44,15 @@ def locate(path: Path) -> tuple[Restore | dict, RunDir | None, dict | None]:
     Raises:
         ConfigError: `path` is neither a checkpoint nor a model directory, or a compact checkpoint
             outside its run directory.
+        CheckpointError: the checkpoint does not verify (`checkpointing.verify`: a truncated or missing
+            file, named).
     """
     files = checkpoint_files(path)
     if files.is_checkpoint():
         run = checkpoint_run(path)
-        saved = json.loads(run.config.read_text()) if run is not None else None
-        state = json.loads(files.es_state.read_text())
-        if state.get("kind", FULL) == FULL:
+        saved = run.read_config() if run is not None else None
+        state = verify(path, run)
+        if is_full(state):
             master = str(files.master) if files.master.is_file() else None
             return Restore(Anchor(0, str(files.model), master), [], state["fingerprint"]), run, saved
         if run is None:

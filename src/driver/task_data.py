@@ -42,6 +42,11 @@ def _task_problems(task: Task, config: TrainConfig) -> list[Any]:
             return task.generate(config.train_size + config.eval_size, config.seed)
         except NotImplementedError as e:
             raise ConfigError(f"--dataset-path: {e}") from e
+        except ValueError as e:  # more problems than the default data has
+            raise ConfigError(
+                f"--train-size/--eval-size: {config.train_size} + {config.eval_size} problems of task "
+                f"{task.name}: {e}"
+            ) from e
     path = Path(config.dataset_path)
     if path.suffix.lower() != ".jsonl":
         raise DatasetError(f"--dataset-path: {path}: expected a .jsonl file of {task.name} rows")

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from driver.checkpointing import CheckpointError
+from driver.checkpointing import CheckpointError, ResumePoint
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError, resolve_engine_pex
 from driver.engine_pool import (
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
         if config.output_dir is None:
             config = TrainConfig(**{**config.to_dict(), "output_dir": default_output_dir()})
         requested = config
-        config, problems, resume_state = open_run(requested, given)
+        config, problems, resume = open_run(requested, given)
         # Validated before the lock (nothing is written for a bad command line); once more under it, so
         # that a driver which got there first (a new run, a newer checkpoint) is seen.
         lock = RunLock(config.output_dir)
@@ -135,19 +135,19 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
         print(f"train: {e}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        config, problems, resume_state = open_run(requested, given)
+        config, problems, resume = open_run(requested, given)
     except (ConfigError, DatasetError, RunDirError) as e:
         lock.release()
         print(f"train: {e}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        return _train(config, problems, resume_state, argv, on_member_done)
+        return _train(config, problems, resume, argv, on_member_done)
     finally:
         lock.release()
 
 
 def _train(
-    config: TrainConfig, problems: Problems, resume_state: dict | None, argv: list[str], on_member_done
+    config: TrainConfig, problems: Problems, resume: ResumePoint | None, argv: list[str], on_member_done
 ) -> int:
     """`main` after the run directory is validated and locked: engines, Ray, the run, the summary."""
     try:
@@ -155,7 +155,7 @@ def _train(
     except (EngineBuildError, EnginePreflightError) as e:
         print(f"train: {e}", file=sys.stderr)
         return EXIT_FAILED
-    trainer = Trainer(config, spec, problems, resume_state, argv=argv, on_member_done=on_member_done)
+    trainer = Trainer(config, spec, problems, resume, argv=argv, on_member_done=on_member_done)
     import ray
 
     started_ray = init_ray(config.address)

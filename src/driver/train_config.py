@@ -37,6 +37,9 @@ from shared.tasks import TASKS, CountdownTask, TaskError, load_task
 # Where the engines run: "cpu" and "cuda" (transformers on CPUs or CUDA GPUs), "vllm" (GPUs, TPUs or CPUs).
 BACKENDS = ("cpu", "cuda", "vllm")
 DATASETS = ("generated", "reference", "hf")
+# The most problems --train-size and --eval-size may ask for: generating them takes about 20 s (Countdown,
+# on the development machine); a larger dataset comes from a file (--dataset-path).
+MAX_PROBLEMS = 100_000
 # Qiu et al. 2025, Sec. 4 (Countdown): sigma = 0.001, alpha = 0.0005 for 0.5B-8B models.
 PAPER_SIGMA, PAPER_ALPHA = 0.001, 0.0005
 # The tiny default model (0.36 M parameters) needs a larger perturbation for members to differ at all:
@@ -123,7 +126,7 @@ class TrainConfig:
     engine_gpus: float = _opt(0.0, "Ray GPUs per engine actor", "GPUs", resumable=True)
     engine_resources: dict[str, float] = _opt(
         {},
-        "extra Ray resources per engine actor, NAME=AMOUNT " "(repeatable), e.g. TPU=4",
+        "extra Ray resources per engine actor, NAME=AMOUNT (repeatable), e.g. TPU=4",
         "units",
         resumable=True,
     )
@@ -131,7 +134,7 @@ class TrainConfig:
     population: int = _opt(30, "population size N (members per iteration)", "members")
     sigma: float | None = _opt(
         None,
-        "perturbation scale sigma; default: 0.001 (the paper's), or 0.01 with " "the tiny default model",
+        "perturbation scale sigma; default: 0.001 (the paper's), or 0.01 with the tiny default model",
         "weight units",
     )
     alpha: float | None = _opt(
@@ -172,7 +175,11 @@ class TrainConfig:
     eval_size: int = _opt(64, "held-out problems for greedy evaluation, taken out of the dataset", "problems")
     seed: int = _opt(0, "root seed of members, prompt batches, generated data and the split")
     # Outputs.
-    output_dir: str | None = _opt(None, "run directory; default: runs/<UTC time>")
+    output_dir: str | None = _opt(
+        None,
+        "run directory; default: runs/<UTC time>. A run directory may be moved or copied and resumed there",
+        resumable=True,
+    )
     eval_every: int = _opt(
         5,
         "greedy held-out evaluation every K iterations (and before training and at "
@@ -220,7 +227,7 @@ class TrainConfig:
     )
     build_engine: bool = _opt(
         True,
-        "build the engine PEX with Pants when run from the source tree and " "--engine-pex is not given",
+        "build the engine PEX with Pants when run from the source tree and --engine-pex is not given",
         resumable=True,
     )
     engine_python: str | None = _opt(
@@ -234,13 +241,13 @@ class TrainConfig:
     )
     engine_start_timeout: float = _opt(
         120.0,
-        "seconds for engine actors to start once the PEX is " "extracted on the node",
+        "seconds for engine actors to start once the PEX is extracted on the node",
         "s",
         resumable=True,
     )
     address: str | None = _opt(
         None,
-        "Ray cluster to join (e.g. auto or ray://host:10001); default: start " "a local cluster",
+        "Ray cluster to join (e.g. auto or ray://host:10001); default: start a local cluster",
         resumable=True,
     )
 
@@ -298,6 +305,14 @@ class TrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
+        for name in ("train_size", "eval_size"):
+            if getattr(self, name) > MAX_PROBLEMS:
+                raise ConfigError(
+                    f"{_flag(name)}: at most {MAX_PROBLEMS} problems, got {getattr(self, name)!r} "
+                    f"(generating {MAX_PROBLEMS} Countdown problems takes about 20 s)"
+                )
+        if self.seed >= 2**63:
+            raise ConfigError(f"--seed: must be < 2**63 (a signed 64-bit integer), got {self.seed!r}")
         for name in ("sigma", "alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -309,10 +324,14 @@ class TrainConfig:
         if not self.cpu_kv_cache_gib > 0:
             raise ConfigError(f"--cpu-kv-cache-gib: must be > 0, got {self.cpu_kv_cache_gib!r}")
         for name, amount in self.engine_resources.items():
-            if not isinstance(name, str) or not isinstance(amount, int | float) or amount <= 0:
+            if not isinstance(name, str) or not isinstance(amount, int | float) or not 0 < amount < math.inf:
                 raise ConfigError(
-                    f"--engine-resources: expected NAME=AMOUNT with AMOUNT > 0, got {name}={amount}"
+                    f"--engine-resources: expected NAME=AMOUNT with a finite AMOUNT > 0, got {name}={amount}"
                 )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)}: must be a finite number, got {value!r}")
 
     def _check_es_and_data(self) -> None:
         """The population against antithetic sampling; the dataset options together."""
@@ -457,16 +476,21 @@ def _check_value(name: str, value: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
     elif kind is dict:
         ok = isinstance(value, dict) and all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
         )
-        value = {str(k): float(v) for k, v in value.items()} if ok else value
     else:
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"{where}: key '{name}': expected {kind.__name__}, got {value!r}")
+    try:
+        if kind is float:
+            return float(value)
+        if kind is dict:
+            return {str(k): float(v) for k, v in value.items()}
+    except OverflowError:
+        raise ConfigError(f"{where}: key '{name}': {value!r} is out of a float's range") from None
     return value
 
 
@@ -481,6 +505,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

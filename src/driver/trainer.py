@@ -44,11 +44,14 @@ from driver.checkpointing import (
     Anchor,
     CheckpointError,
     Restore,
+    ResumePoint,
     es_state,
     full_due,
     model_digest,
     prune,
     restore_plan,
+    resume_point,
+    weight_files,
 )
 from driver.engine_pool import EnginePool, EngineSpec, EngineStartError
 from driver.manifest import session_entry
@@ -120,17 +123,21 @@ def load_request(config: TrainConfig, anchor: Anchor) -> LoadRequest:
 MemberHook = Callable[["Trainer", int, int, int], None]
 
 
-def open_run(config: TrainConfig, given: set[str] | None = None) -> tuple[TrainConfig, Problems, dict | None]:
+def open_run(
+    config: TrainConfig, given: set[str] | None = None
+) -> tuple[TrainConfig, Problems, ResumePoint | None]:
     """Checks the output directory for a new or resumed run and loads the run's problems
     (`driver.task_data.load_problems`), before anything starts. A resumed run's problems come from its
     saved config (task, dataset, split), so a plain `--resume --output-dir DIR` finds them.
 
     Returns:
-        (config, problems, resume_state): for --resume the saved config merged with the allowed overrides
-        (`merge_for_resume`) and the es_state.json of the last checkpoint (None if it has none yet).
+        (config, problems, resume): for --resume the saved config merged with the allowed overrides
+        (`merge_for_resume`) and the newest checkpoint that verifies (`checkpointing.resume_point`; None
+        if the run has none yet).
 
     Raises:
-        RunDirError: a new run where one exists, or --resume where none exists, or another dataset.
+        RunDirError: a new run where one exists, or --resume where none exists, or another dataset, or
+            checkpoints none of which verifies.
         ConfigError: --resume with options that differ from the saved run's.
         DatasetError: the dataset is missing or malformed.
     """
@@ -145,21 +152,23 @@ def open_run(config: TrainConfig, given: set[str] | None = None) -> tuple[TrainC
     if not run_dir.has_run():
         raise RunDirError(f"--resume: {run_dir.root} holds no run (no config.json)")
     try:
-        saved = json.loads(run_dir.config.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunDirError(f"--resume: {run_dir.config} is unreadable: {e}") from e
+        saved = run_dir.read_config()
+    except RunDirError as e:
+        raise RunDirError(f"--resume: {e}") from e
     config = merge_for_resume(saved, config, given or set(), str(run_dir.config))
     problems = load_problems(config)
-    latest = run_dir.latest_checkpoint()
-    if latest is None:
+    try:
+        resume = resume_point(run_dir)
+    except CheckpointError as e:
+        raise RunDirError(f"--resume: {e}") from e
+    if resume is None:
         return config, problems, None
-    state = run_dir.read_checkpoint_state(latest[1])
-    if state.get("problems_digest") != problems.digest():
+    if resume.state["problems_digest"] != problems.digest():
         raise RunDirError(
-            f"--resume: the dataset differs from the one {latest[1]} was trained on (problems digest "
+            f"--resume: the dataset differs from the one {resume.path} was trained on (problems digest "
             "mismatch); resume with the same dataset file"
         )
-    return config, problems, state
+    return config, problems, resume
 
 
 class Trainer:
@@ -169,7 +178,7 @@ class Trainer:
         config: the run's configuration (from `open_run`).
         spec: how to start the engines (from the engine PEX).
         problems: the dataset, from `load_problems`.
-        resume_state: the last checkpoint's es_state.json when resuming (from `open_run`), else None.
+        resume: the checkpoint to go on from when resuming (from `open_run`), else None.
         argv: the command line, recorded in the manifest.
         on_member_done: optional hook after each member result (tests use it to inject faults).
     """
@@ -179,7 +188,7 @@ class Trainer:
         config: TrainConfig,
         spec: EngineSpec,
         problems: Problems,
-        resume_state: dict[str, Any] | None = None,
+        resume: ResumePoint | None = None,
         argv: list[str] | None = None,
         on_member_done: MemberHook | None = None,
     ) -> None:
@@ -187,7 +196,7 @@ class Trainer:
         self.run_dir = RunDir(config.output_dir)
         self.spec = spec
         self.problems = problems
-        self.resume_state = resume_state
+        self.resume = resume
         self.argv = list(argv or [])
         self.on_member_done = on_member_done
         self.pool: EnginePool | None = None
@@ -427,6 +436,7 @@ class Trainer:
                         )
                     has_master = saved.master is not None
                 state = es_state(
+                    files=weight_files(tmp) if full else None,
                     kind=FULL if full else COMPACT,
                     updates=updates,
                     anchor=updates if full else self.anchor.updates,
@@ -663,10 +673,13 @@ class Trainer:
             self._call_one(0, "make_tiny_model", base, seed=0, warm_start_steps=TINY_WARM_START_STEPS)
         self.base_model = self._base_identity(base)
         restore = Restore(Anchor(0, base), [], None)
-        if self.resume_state is not None:
-            self.strategy = Strategy.from_state_dict(self.resume_state["strategy"])
-            self.saved_updates = self.resume_state["updates"]
-            restore = restore_plan(run_dir, self.saved_updates, self.resume_state, config.device_type)
+        if self.resume is not None:
+            for path, why in self.resume.skipped:
+                tqdm.write(f"warning: skipped a checkpoint that does not verify: {why}")
+                tqdm.write(f"  kept as {run_dir.set_aside(path)}; resuming from {self.resume.path.name}")
+            self.strategy = Strategy.from_state_dict(self.resume.state["strategy"])
+            self.saved_updates = self.resume.updates
+            restore = restore_plan(run_dir, self.saved_updates, self.resume.state, config.device_type)
         parameters = self._restore(restore, str(run_dir.checkpoint_path(self.saved_updates)))
         modules = ray.get([h.module_versions.remote(REPORTED_MODULES) for h in self.pool.handles])
         manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.exists() else {"sessions": []}
@@ -680,7 +693,7 @@ class Trainer:
 
         self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=max(self.saved_updates, 0) or None)
         tqdm.write(
-            f"model {base if self.resume_state is None else self.anchor.model_dir}: "
+            f"model {base if self.resume is None else self.anchor.model_dir}: "
             f"{parameters:,} parameters, fingerprint {self.fingerprint[:12]}; "
             f"{len(self.problems.train)} train / {len(self.problems.eval)} eval problems; "
             f"starting at update {self.strategy.iteration} of {config.iterations}"
@@ -764,7 +777,7 @@ class Trainer:
         try:
             with self._stop_signals():
                 self._start()
-                fresh = self.resume_state is None
+                fresh = self.resume is None
                 ran = False
                 try:
                     if fresh:

@@ -1,9 +1,11 @@
 """`./pants run src/release:ship -- --bundle dist/bundle --transport T --dest DIR ...`: ship a bundle.
 
 Each host receives the bundle into DEST/.staging-<id>/, then runs the bundle's own `install.py` there,
-which verifies every file against the manifest before anything runs, renames the staging directory to
+told which bundle to expect (`--expect-id`, `--expect-manifest-sha256`: this machine's), which refuses any
+other, verifies every file against the manifest before anything runs, renames the staging directory to
 DEST/releases/<id>, points DEST/current at it and (with --prepare, the default) extracts the engine PEX so
-that actors start warm. A host whose files do not verify is reported and keeps its previous release.
+that actors start warm. A host whose files do not verify is reported, with the installer's reason, and
+keeps its previous release.
 
 Transports:
   local   DEST is a directory on this machine (shared filesystems, tests); files unchanged since the
@@ -19,6 +21,7 @@ Transports:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -42,10 +45,11 @@ class ShipError(RuntimeError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """A bundle directory and its manifest."""
+    """A bundle directory, its manifest and the manifest file's sha256 (hex)."""
 
     path: Path
     manifest: dict
+    manifest_sha256: str
 
     @classmethod
     def open(cls, path: Path) -> Bundle:
@@ -55,23 +59,32 @@ class Bundle:
             ShipError: no manifest, or the files do not match it (the problems listed).
         """
         try:
-            manifest = json.loads((path / host_install.MANIFEST).read_text())
-        except (OSError, ValueError) as e:
+            data = (path / host_install.MANIFEST).read_bytes()
+            manifest = json.loads(data)
+            problems = host_install.verify(path, manifest)
+        except (OSError, ValueError, host_install.BundleRefused) as e:
             raise ShipError(f"{path}: not a bundle ({host_install.MANIFEST}: {e})") from e
-        problems = host_install.verify(path, manifest)
         if problems:
             raise ShipError(f"{path} does not match its manifest:\n" + "\n".join(f"  {p}" for p in problems))
-        return cls(path.absolute(), manifest)
+        return cls(path.absolute(), manifest, hashlib.sha256(data).hexdigest())
 
     @property
     def id(self) -> str:
         return self.manifest["id"]
 
 
-def installer_args(staging: str, dest: str, python: str, pex_root: str, prepare: bool) -> list[str]:
-    """argv of the bundle's installer on a host (run with the host's `python`)."""
+def installer_args(bundle: Bundle, staging: str, dest: str, python: str) -> list[str]:
+    """argv of the bundle's installer on a host (run with the host's `python`), told to accept only
+    `bundle` (its id and manifest sha256, as built here)."""
     args = [python, f"{staging}/{host_install.INSTALLER}", "--staging", staging, "--dest", dest]
-    args += ["--python", python, "--pex-root", pex_root]
+    return [*args, "--expect-id", bundle.id, "--expect-manifest-sha256", bundle.manifest_sha256]
+
+
+def install_args(
+    bundle: Bundle, staging: str, dest: str, python: str, pex_root: str, prepare: bool
+) -> list[str]:
+    """argv of the installation on a host: `installer_args` plus the engine PEX's PEX_ROOT and --prepare."""
+    args = [*installer_args(bundle, staging, dest, python), "--python", python, "--pex-root", pex_root]
     return [*args, "--prepare"] if prepare else args
 
 
@@ -123,7 +136,7 @@ def ssh_commands(
             "rsync", "--archive", "--checksum", "--delete", f"--link-dest={dest}/current/",
             "--rsh", ssh, f"{bundle.path}/", f"{host}:{staging}/",
         ],
-        [*remote, host, shlex.join(installer_args(staging, dest, python, pex_root, prepare))],
+        [*remote, host, shlex.join(install_args(bundle, staging, dest, python, pex_root, prepare))],
     ]  # fmt: skip
 
 
@@ -156,7 +169,7 @@ def gcloud_ship(
     def scp(sources: list[str], target: str) -> list[str]:
         return [*base, "scp", f"--zone={zone}", "--worker=all", *sources, f"{tpu}:{target}"]
 
-    installer = [python, f"{staging}/{host_install.INSTALLER}", "--staging", staging, "--dest", dest]
+    installer = installer_args(bundle, staging, dest, python)
     run([ssh("all", ["mkdir", "-p", staging])], dry_run)
     run(
         [
@@ -203,17 +216,25 @@ def gcloud_ship(
 
 
 def run(commands: list[list[str]], dry_run: bool) -> None:
-    """Runs each command (or prints it with `dry_run`).
+    """Runs each command (or prints it with `dry_run`); its standard error is passed on as it comes and
+    kept for the report.
 
     Raises:
-        ShipError: a command failed (its exit status and command line included).
+        ShipError: a command failed (its exit status, its last lines of standard error, e.g. the
+            installer's refusal, and the command line included).
     """
     for command in commands:
-        print("$ " + shlex.join(command))
-        if not dry_run:
-            proc = subprocess.run(command, check=False)
-            if proc.returncode != 0:
-                raise ShipError(f"failed with exit status {proc.returncode}: {shlex.join(command)}")
+        print("$ " + shlex.join(command), flush=True)
+        if dry_run:
+            continue
+        tail: list[str] = []
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                tail = [*tail[-19:], line.rstrip("\n")]
+        if proc.returncode != 0:
+            said = "".join(f"\n  | {line}" for line in tail)
+            raise ShipError(f"failed with exit status {proc.returncode}: {shlex.join(command)}{said}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 staging, copied, linked = stage_local(bundle, dest)
                 print(f"staged {copied} files copied, {linked} unchanged files linked")
-                run([installer_args(str(staging), str(dest), python, args.pex_root, args.prepare)], False)
+                run(
+                    [install_args(bundle, str(staging), str(dest), python, args.pex_root, args.prepare)],
+                    False,
+                )
             elif args.transport == "ssh":
                 run(
                     ssh_commands(bundle, target, args.dest[0], python, args.pex_root, args.prepare, args.ssh),

@@ -1,7 +1,7 @@
 """The run and checkpoint format: every file name of a training run's output directory, and the atomic
 writes that keep it consistent. The driver writes the run; the engines write a checkpoint's model files
 (`checkpoint_files`); `evaluate` reads checkpoints back (`checkpoint_run`). No other module spells one of
-these file names.
+these file names (a Hugging Face model directory's own config.json aside, which is not one of them).
 
 Layout (OUTPUT_DIR):
     config.json                  the resolved TrainConfig
@@ -10,6 +10,8 @@ Layout (OUTPUT_DIR):
     metrics.jsonl                one JSON object per line: {"kind": "train", "iteration": k, ...} after
                                  update k (0-based), {"kind": "eval", "updates": u, ...} after u updates
     samples.jsonl                a few completions per iteration
+    reward.png                   the reward curve (`driver.reward_plot`)
+    .driver.lock, .driver.json   the lock of the driver that runs it, and who holds it (`driver.run_lock`)
     tensorboard/                 the same scalars as TensorBoard event files (tensorboardX)
     base-model/                  the tiny default model, when no model was given
     checkpoints/iter-000004/     after 4 updates. A full checkpoint: model/ (Hugging Face, safetensors),
@@ -41,6 +43,8 @@ CONFIG = "config.json"
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
+REWARD_PLOT = "reward.png"
+DRIVER_LOCK, DRIVER_HOLDER = ".driver.lock", ".driver.json"
 TENSORBOARD = "tensorboard"
 BASE_MODEL = "base-model"
 CHECKPOINTS = "checkpoints"
@@ -168,6 +172,7 @@ class RunDir:
         self.manifest = self.root / MANIFEST
         self.metrics = self.root / METRICS
         self.samples = self.root / SAMPLES
+        self.reward_plot = self.root / REWARD_PLOT
         self.tensorboard = self.root / TENSORBOARD
         self.base_model = self.root / BASE_MODEL
         self.checkpoints = self.root / CHECKPOINTS
@@ -176,9 +181,41 @@ class RunDir:
         """True when a run was already started here (its config was written)."""
         return self.config.exists()
 
+    def read_config(self) -> dict[str, Any]:
+        """The run's saved configuration (config.json), as written.
+
+        Raises:
+            RunDirError: missing, unreadable or not a JSON object (the file named).
+        """
+        try:
+            saved = json.loads(self.config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunDirError(f"{self.config} is unreadable: {e}") from e
+        if not isinstance(saved, dict):
+            raise RunDirError(f"{self.config}: expected a JSON object, found {type(saved).__name__}")
+        return saved
+
     def checkpoint_path(self, updates: int) -> Path:
         """Where the checkpoint after `updates` ES updates lives."""
         return self.checkpoints / f"iter-{updates:06d}"
+
+    def checkpoint_updates(self, path: Path) -> int | None:
+        """The updates of the checkpoint directory `path` of this run (from its name), or None when `path`
+        is not one."""
+        match = CHECKPOINT_PATTERN.match(Path(path).name)
+        if match is None or Path(path).absolute().parent != self.checkpoints:
+            return None
+        return int(match.group(1))
+
+    def set_aside(self, path: Path) -> Path:
+        """Renames the checkpoint directory `path` to `<name>.damaged` (`.damaged-2`, ... if taken), out of
+        `list_checkpoints`' sight, and returns the new path. Nothing is deleted."""
+        for number in range(1, 1000):
+            target = path.with_name(f"{path.name}.damaged" + (f"-{number}" if number > 1 else ""))
+            if not target.exists():
+                os.rename(path, target)
+                return target
+        raise FileExistsError(f"{path}: too many checkpoints set aside under this name")
 
     def list_checkpoints(self) -> list[tuple[int, Path]]:
         """(updates, path) of every complete checkpoint, by updates."""
@@ -234,9 +271,15 @@ class RunDir:
         for path in (self.metrics, self.samples):
             kept = [row for row in read_jsonl(path) if row_updates(row) <= updates]
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in kept)
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in kept)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
 
 def row_updates(row: dict[str, Any]) -> int:
