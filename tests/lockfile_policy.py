@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from shared.lockfile import Lockfile, canonicalize_name
+from shared.lockfile import Lockfile
 
 # Packages that belong to the engine side only; the driver resolve must never contain them.
 ENGINE_ONLY_PACKAGES = frozenset(

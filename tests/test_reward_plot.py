@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from driver.reward_plot import PLOT, _checkpoint_evals, write_reward_plot
+from driver.reward_plot import _checkpoint_evals, write_reward_plot
 from shared.run_layout import RunDir, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,7 +29,7 @@ def test_the_curve_is_a_png_of_train_and_eval_rows(tmp_path):
     rows += [{"kind": "eval", "updates": 4, "reward_mean": -200.0, "accuracy": 0.6, "seconds": {"eval": 1}}]
     run = _run(tmp_path, rows)
     out = write_reward_plot(run.root)
-    assert out == run.root / PLOT
+    assert out == run.root / "reward.png" == run.reward_plot
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000
     assert not list(run.root.glob(".*.tmp")), "the PNG is written through a temporary file"
@@ -37,7 +37,7 @@ def test_the_curve_is_a_png_of_train_and_eval_rows(tmp_path):
 
 def test_checkpoint_evaluations_are_drawn_and_a_run_without_rows_gets_none(tmp_path):
     run = _run(tmp_path, [])
-    assert write_reward_plot(run.root) is None and not (run.root / PLOT).exists()
+    assert write_reward_plot(run.root) is None and not run.reward_plot.exists()
     checkpoint = run.checkpoint_path(3)
     checkpoint.mkdir(parents=True)
     write_json_atomic(checkpoint / "es_state.json", {"kind": "compact"})

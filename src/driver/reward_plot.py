@@ -13,13 +13,12 @@ after (for conciseness: the share of replies that still contain the reference an
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from shared.run_layout import RunDir, checkpoint_files, read_jsonl
 from shared.tasks import TaskError, load_task
-
-PLOT = "reward.png"
 
 
 def _checkpoint_evals(run: RunDir) -> list[tuple[int, float]]:
@@ -89,9 +88,12 @@ def write_reward_plot(run_dir: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out = run.root / PLOT
-        tmp = out.with_name(f".{PLOT}.tmp")
-        fig.savefig(tmp, format="png")
+        out = run.reward_plot
+        tmp = out.with_name(f".{out.name}.tmp")
+        with tmp.open("wb") as f:
+            fig.savefig(f, format="png")
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(out)
         return out
     finally:

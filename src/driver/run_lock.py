@@ -20,10 +20,9 @@ from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from shared.run_layout import RunDirError, write_json_atomic
+from shared.run_layout import DRIVER_HOLDER, DRIVER_LOCK, RunDirError, write_json_atomic
 
-LOCK_NAME = ".driver.lock"
-HOLDER_NAME = ".driver.json"
+LOCK_NAME, HOLDER_NAME = DRIVER_LOCK, DRIVER_HOLDER
 
 
 class RunLockedError(RunDirError):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.backend import Backend, open_backend
+from engine.backend import Backend
 from engine.machine import machine_report
 from shared.protocol import (
     REPORTED_MODULES,
@@ -30,6 +30,21 @@ from shared.run_layout import atomic_dir, checkpoint_files
 from shared.tasks import load_task
 
 
+def open_backend(request: LoadRequest) -> Backend:
+    """The backend `request.backend` names, with `request`'s model loaded (and its master, if any).
+
+    Raises:
+        OSError: the model directory lacks files. ValueError: an unsupported setting or master.
+    """
+    if request.backend == "vllm":
+        from engine.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_request(request)
+    from engine.hf_backend import TransformersBackend
+
+    return TransformersBackend(request)
+
+
 def _quiet_transformers() -> None:
     """Turns off transformers' progress bars (weights loading/saving), which Ray would forward to the
     driver's terminal as noise between its own progress lines."""
@@ -43,7 +58,7 @@ class EngineActor:
 
     Args:
         engine_id: index of this engine in the pool (0-based), used in logs and reports.
-        backend_factory: opens the backend of a `LoadRequest` (default `engine.backend.open_backend`;
+        backend_factory: opens the backend of a `LoadRequest` (default `open_backend`;
             tests pass one that builds vLLM over a stand-in).
     """
 

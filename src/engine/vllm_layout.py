@@ -32,6 +32,9 @@ import torch
 from engine.torch_weights import noise_like
 
 _ABSENT = object()
+# Suffix of the held-elements mask next to each tensor in a rank's master part
+# (`engine.vllm_worker.TorchWorkerExtension.es_master_part`, read by `merge_parts`).
+HELD = ":held"
 
 
 class LayoutError(ValueError):

@@ -6,10 +6,10 @@ which asserts that none of the extension's attribute names already exists on the
 tensor-parallel rank. So `self` is the worker, and the weights are operated on where they live, in place,
 without ever leaving the device (vLLM's documented pattern for RL weight updates).
 
-- `TorchWorkerExtension`, for CUDA vLLM: the worker's `model_runner.get_model()` is a torch module holding
-  this rank's shard of every weight (vLLM's fused layout: `qkv_proj`, `gate_up_proj`). The ES-core
-  `engine.torch_weights.TorchWeights` does the work, with the noise drawn per checkpoint tensor and placed
-  by vLLM's own loader (`engine.vllm_layout`): every rank applies the same perturbation of the same
+- `TorchWorkerExtension`, for vLLM on CUDA GPUs and CPUs: the worker's `model_runner.get_model()` is a torch
+  module holding this rank's shard of every weight (vLLM's fused layout: `qkv_proj`, `gate_up_proj`). The
+  ES-core `engine.torch_weights.TorchWeights` does the work, with the noise drawn per checkpoint tensor and
+  placed by vLLM's own loader (`engine.vllm_layout`): every rank applies the same perturbation of the same
   Hugging Face model, at any tensor-parallel degree, and the master moves in the checkpoint's layout.
 - `JaxWorkerExtension`, for tpu-inference on TPU: the worker's `model_runner.state` is the pytree of JAX
   arrays whose leaves (`model_runner.state_leaves`) the compiled model function takes as input. The
@@ -28,22 +28,17 @@ Every attribute starts with `es_` / `_es_` so that it cannot collide with the wo
 (`tests/engine_resolve/test_vllm_contract.py` checks both extensions against the locked vLLM and
 tpu-inference).
 
-On vLLM's CPU platform, importing this module (vLLM does so in the worker process before it loads the
-model) installs `engine.vllm_cpu.use_weight_reading_linear` with the mode in `CPU_LINEAR_ENV`, so that
-linear layers compute from the parameters ES perturbs instead of a prepacked copy.
+Importing this module changes nothing. On vLLM's CPU platform the extension is
+`engine.vllm_cpu_worker.CpuTorchWorkerExtension`, whose module installs the weight-reading linear layers
+when vLLM imports it in the worker process, before the model loads.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-# The CPU linear mode (`engine.vllm_cpu.CPU_LINEAR_MODES`), set by `VLLMBackend` for its engine process.
-CPU_LINEAR_ENV = "HERMETIC_ES_VLLM_CPU_LINEAR"
-
-# Suffix of the held-elements mask next to each tensor in a rank's master part (`es_master_part`).
-HELD = ":held"
+from shared.run_layout import MASTER
 
 
 class RecompilationError(RuntimeError):
@@ -51,7 +46,8 @@ class RecompilationError(RuntimeError):
 
 
 class TorchWorkerExtension:
-    """ES operations on a CUDA vLLM worker's torch model (mixed into vLLM's worker; `self` is the worker)."""
+    """ES operations on a vLLM worker's torch model, CUDA or CPU (mixed into vLLM's worker; `self` is the
+    worker)."""
 
     def _es_model(self) -> Any:
         return self.model_runner.get_model()
@@ -140,10 +136,13 @@ class TorchWorkerExtension:
     def es_master_part(self, directory: str) -> str:
         """Writes this rank's part of the fp32 master, in the checkpoint's layout
         (`HFLayout.to_checkpoint`), to `directory`/rank{rank}.safetensors: per checkpoint tensor its
-        float32 values and, under `name + HELD`, the bool mask of the elements this rank holds. Returns
+        float32 values and, under `name + engine.vllm_layout.HELD`, the bool mask of the elements this rank
+        holds. Returns
         the path (a file, not tensors: vLLM's engine-core transport decodes tensors in results as lists)."""
         from safetensors.torch import save_file
         from vllm.distributed import get_tensor_model_parallel_rank
+
+        from engine.vllm_layout import HELD
 
         path = Path(directory) / f"rank{get_tensor_model_parallel_rank()}.safetensors"
         tensors = {}
@@ -254,7 +253,7 @@ class JaxWorkerExtension:
         workers)."""
         from safetensors.numpy import save_file
 
-        path = Path(directory) / "master.safetensors"
+        path = Path(directory) / MASTER
         save_file(self._es_layout.to_checkpoint(self._es_weights.master), str(path))
         return str(path)
 
@@ -297,19 +296,3 @@ def _cpu_linear_mode() -> str | None:
     from engine.vllm_cpu import installed_mode
 
     return installed_mode()
-
-
-def _prepare_cpu_platform() -> None:
-    """On vLLM's CPU platform, makes linear layers compute from their parameters (`engine.vllm_cpu`)
-    before the worker loads the model."""
-    try:
-        cpu = _is_cpu()
-    except ImportError:  # no vLLM in this environment (the module is only imported for its names)
-        return
-    if cpu:
-        from engine.vllm_cpu import use_weight_reading_linear
-
-        use_weight_reading_linear(os.environ.get(CPU_LINEAR_ENV, "read"))
-
-
-_prepare_cpu_platform()

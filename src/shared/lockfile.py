@@ -12,13 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 # Where the project's lockfiles live, relative to the repository root (one per resolve, pants.toml).
 LOCKFILES_DIR = Path("3rdparty/python")
-
-
-def canonicalize_name(name: str) -> str:
-    """A distribution name in PEP 503 normal form ("Foo_Bar.baz" -> "foo-bar-baz"), as lockfiles key them."""
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 class LockfileError(ValueError):
