@@ -13,9 +13,9 @@ from driver.checkpointing import (
     CheckpointError,
     es_state,
     full_due,
+    load_plan,
     model_digest,
     prune,
-    restore_plan,
     resume_point,
     verify,
     weight_files,
@@ -100,11 +100,11 @@ def test_a_compact_checkpoint_replays_the_updates_since_its_anchor(tmp_path, bas
     write_checkpoint(run, 2, FULL, 2, base)
     write_checkpoint(run, 4, COMPACT, 2, base)
     state = run.read_checkpoint_state(run.checkpoint_path(4))
-    plan = restore_plan(run, 4, state, "cpu")
+    plan = load_plan(run, 4, state, "cpu")
     assert plan.anchor.updates == 2 and plan.anchor.model_dir == str(run.checkpoint_path(2) / "model")
     assert plan.updates == [[(102, 0.5)], [(103, 0.5)]]
     assert plan.fingerprint == "fp4"
-    onto_base = restore_plan(run, 2, {**state, "anchor": 0, "updates": 2}, "cpu")
+    onto_base = load_plan(run, 2, {**state, "anchor": 0, "updates": 2}, "cpu")
     assert onto_base.anchor.model_dir == str(base) and len(onto_base.updates) == 2
 
 
@@ -124,7 +124,7 @@ def test_replay_is_refused_naming_why(tmp_path, base, change, why):
     write_checkpoint(run, 3, COMPACT, 0, base)
     state = {**run.read_checkpoint_state(run.checkpoint_path(3)), **change}
     with pytest.raises(CheckpointError, match=why):
-        restore_plan(run, 3, state, "cpu")
+        load_plan(run, 3, state, "cpu")
 
 
 def test_replay_is_refused_when_the_base_model_changed(tmp_path, base):
@@ -133,7 +133,7 @@ def test_replay_is_refused_when_the_base_model_changed(tmp_path, base):
     (base / "model.safetensors").write_bytes(b"\1" * 64)
     state = json.loads((run.checkpoint_path(3) / "es_state.json").read_text())
     with pytest.raises(CheckpointError, match="base model .* changed since"):
-        restore_plan(run, 3, state, "cpu")
+        load_plan(run, 3, state, "cpu")
 
 
 # ---- damaged checkpoints (issue 24, item 3) ----------------------------------------------------------

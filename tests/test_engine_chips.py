@@ -7,7 +7,6 @@ Ray starts from the PEX through `py_executable`.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,6 @@ TOY_PEX = Path("tests/toy-engine.pex")
 @pytest.fixture(scope="module")
 def tpu_cluster():
     """A local Ray cluster whose node declares 4 TPU chips."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=4, resources={"TPU": 4}, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()

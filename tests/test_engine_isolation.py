@@ -30,7 +30,6 @@ def driver_in_shadowing_directory(tmp_path_factory):
     )
     previous = os.getcwd()
     os.chdir(shadow)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield shadow
     ray.shutdown()

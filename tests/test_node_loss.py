@@ -7,7 +7,6 @@ exactly as the undisturbed run too."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,6 @@ COMMON = [
 @pytest.fixture(scope="module")
 def cluster():
     """A head node and one worker node, 1 CPU each: the two engines land one per node."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with pytest.MonkeyPatch.context() as patch:
         # Cluster records its address in /tmp/ray/ray_current_cluster, where a plain `ray.init()` of any
         # other test process running meanwhile would find and join it.

@@ -87,7 +87,6 @@ def wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen]) -> N
 def test_one_es_iteration_on_two_nodes_with_the_shipped_engine(hosts, tmp_path):
     built, (host_a, host_b) = hosts
     env = pex_env(PEX_ROOT, RAY_AUTH_MODE="disabled")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     address = f"127.0.0.1:{port}"
     # Its own temp dir: `ray start --head` records the cluster address in TEMP_DIR/ray_current_cluster,

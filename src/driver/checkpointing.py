@@ -1,4 +1,4 @@
-"""What a checkpoint holds, which checkpoints are kept, and how one is restored by replaying updates.
+"""What a checkpoint holds, which checkpoints are kept, and how one is loaded by replaying updates.
 
 ES needs far less than a model directory per checkpoint: the weights after k updates are a pure function
 of the base weights and the update history, the (seed, coefficient) pairs of every update (Salimans et
@@ -12,7 +12,7 @@ So there are two kinds (`shared.run_layout.FULL`, `COMPACT`):
 - full: the same plus the model directory (and the fp32 master) that engine 0 writes; every
   --full-checkpoint-every iterations and at the end.
 
-Restoring a compact checkpoint loads its anchor and replays the updates since onto it (`restore_plan`).
+Loading a compact checkpoint loads its anchor and replays the updates since onto it (`load_plan`).
 The engines regenerate every update's noise from its seeds, exactly as during the run, so the replayed
 weights are bit-identical to the run's; the caller checks that against the recorded fingerprint. Replay
 is refused, naming why, when the noise version, the device type or the base model's files differ.
@@ -46,7 +46,7 @@ REQUIRED_COMPACT = ("anchor", "base_model", "noise")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the run stops; earlier checkpoints are intact) or cannot be
-    restored (the message names the checkpoint and why)."""
+    loaded (the message names the checkpoint and why)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Anchor:
 
 
 @dataclass(frozen=True)
-class Restore:
+class LoadPlan:
     """How to bring engines to a checkpoint's weights: load `anchor`, then apply `updates` (one list of
     (seed, coefficient) pairs per ES update, oldest first); the weights then have `fingerprint` (None: a
     plain model directory, whose fingerprint is whatever it loads as)."""
@@ -189,8 +189,8 @@ def _base_refusal(state: dict[str, Any]) -> str | None:
     return None
 
 
-def restore_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: str) -> Restore:
-    """How to restore the checkpoint after `updates` updates of `run_dir`, whose es_state.json is `state`.
+def load_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: str) -> LoadPlan:
+    """How to load the checkpoint after `updates` updates of `run_dir`, whose es_state.json is `state`.
 
     A full checkpoint (or one written before compact checkpoints existed, without "kind") loads its model
     directory and master; a compact one loads its anchor and replays `state`'s update history since it.
@@ -206,7 +206,7 @@ def restore_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: s
     if is_full(state):
         files = checkpoint_files(path)
         master = str(files.master) if state.get("has_master") else None
-        return Restore(Anchor(updates, str(files.model), master), [], state["fingerprint"])
+        return LoadPlan(Anchor(updates, str(files.model), master), [], state["fingerprint"])
     if state["kind"] != COMPACT:
         raise CheckpointError(f"{checkpoint_files(path).es_state}: unknown checkpoint kind {state['kind']!r}")
     why = _replay_refusal(state, device)
@@ -225,7 +225,7 @@ def restore_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: s
         anchor = Anchor(start, str(files.model), str(files.master) if has_master else None)
     history = state["strategy"]["history"][start:updates]
     pairs = [[(int(s), float(c)) for s, c in record["update"]] for record in history]
-    return Restore(anchor, pairs, state["fingerprint"])
+    return LoadPlan(anchor, pairs, state["fingerprint"])
 
 
 def prune(run_dir: RunDir, keep_full: int) -> list[int]:
@@ -279,7 +279,7 @@ def _damage(files: Any, root: Path, state: dict[str, Any], read_bytes: bool) -> 
 
 
 def verify(path: str | Path, run_dir: RunDir | None = None, read_bytes: bool = True) -> dict[str, Any]:
-    """Checks that the checkpoint directory `path` can be restored; returns its es_state.json.
+    """Checks that the checkpoint directory `path` can be loaded; returns its es_state.json.
 
     es_state.json must parse and be complete (its updates those of the directory's name, a strategy state
     with that many updates of history). A full checkpoint's model files and master must match the sizes

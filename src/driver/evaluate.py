@@ -1,7 +1,7 @@
 """`./pants run src/driver:evaluate -- CHECKPOINT [options]`: greedy held-out accuracy of a saved model.
 
 CHECKPOINT is a checkpoint directory of a run (OUTPUT_DIR/checkpoints/iter-NNNNNN; a compact one is
-restored by replaying its updates, see driver.checkpointing) or any Hugging Face model directory. For a
+loaded by replaying its updates, see driver.checkpointing) or any Hugging Face model directory. For a
 checkpoint, the run's config.json supplies the task, the dataset, the held-out split and the generation
 settings, so the figure is comparable with the run's own eval rows; the options (the same as `train`'s,
 `--task` and `--dataset-path` among them) override them, so any checkpoint can be scored on any split.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from driver.checkpointing import Anchor, CheckpointError, Restore, is_full, restore_plan, verify
+from driver.checkpointing import Anchor, CheckpointError, LoadPlan, is_full, load_plan, verify
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
 from driver.engine_pool import EnginePreflightError, EngineStartError
@@ -36,9 +36,9 @@ from shared.run_layout import (
 )
 
 
-def locate(path: Path) -> tuple[Restore | dict, RunDir | None, dict | None]:
-    """What CHECKPOINT is: (how to restore a full checkpoint or model directory, or for a compact
-    checkpoint its es_state.json, restored with `restore_plan` once the device type is known; the run it
+def locate(path: Path) -> tuple[LoadPlan | dict, RunDir | None, dict | None]:
+    """What CHECKPOINT is: (how to plan a full checkpoint or model directory, or for a compact
+    checkpoint its es_state.json, loaded with `load_plan` once the device type is known; the run it
     belongs to or None; the run's saved config or None).
 
     Raises:
@@ -54,7 +54,7 @@ def locate(path: Path) -> tuple[Restore | dict, RunDir | None, dict | None]:
         state = verify(path, run)
         if is_full(state):
             master = str(files.master) if files.master.is_file() else None
-            return Restore(Anchor(0, str(files.model), master), [], state["fingerprint"]), run, saved
+            return LoadPlan(Anchor(0, str(files.model), master), [], state["fingerprint"]), run, saved
         if run is None:
             raise ConfigError(
                 f"CHECKPOINT: {path} is a compact checkpoint; it replays onto checkpoints of its run "
@@ -62,7 +62,7 @@ def locate(path: Path) -> tuple[Restore | dict, RunDir | None, dict | None]:
             )
         return state, run, saved
     if (path / "config.json").is_file():  # a Hugging Face model directory
-        return Restore(Anchor(0, str(path)), [], None), None, None
+        return LoadPlan(Anchor(0, str(path)), [], None), None, None
     raise ConfigError(
         f"CHECKPOINT: {path} is neither a checkpoint ({ES_STATE}, with {MODEL}/ when full) nor a model "
         "directory"
@@ -77,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint.absolute()
     del args.checkpoint
     try:
-        restore, run, saved = locate(checkpoint)
+        plan, run, saved = locate(checkpoint)
         given_config, given = config_from_args(args)
         values = dict(saved or {})
         values.update({name: getattr(given_config, name) for name in given})
-        compact = isinstance(restore, dict)
-        model_dir = (saved or {}).get("model_dir") if compact else restore.anchor.model_dir
+        compact = isinstance(plan, dict)
+        model_dir = (saved or {}).get("model_dir") if compact else plan.anchor.model_dir
         values.update(model_dir=model_dir or str(run.base_model), resume=False, output_dir=str(checkpoint))
         config = TrainConfig(**values)
         if compact:
-            restore = restore_plan(run, restore["updates"], restore, config.device_type)
+            plan = load_plan(run, plan["updates"], plan, config.device_type)
         problems = load_problems(config)
         if not problems.eval:
             raise ConfigError(
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started_ray = init_ray(config.address)
     try:
-        result = Trainer(config, spec, problems).evaluate_model(restore, str(checkpoint))
+        result = Trainer(config, spec, problems).evaluate_model(plan, str(checkpoint))
     except (EngineStartError, EngineSyncError, CheckpointError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_FAILED

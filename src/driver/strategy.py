@@ -25,8 +25,9 @@ SHAPINGS = ("zscore", "centered_rank")
 
 
 @dataclass(frozen=True)
-class Member:
-    """One population member: perturb with `sign * sigma * eps(seed)`."""
+class Candidate:
+    """One population member as `Strategy.ask` draws it: perturb with `sign * sigma * eps(seed)` (the
+    engines receive it as a `shared.protocol.Member`)."""
 
     index: int
     seed: int
@@ -99,14 +100,14 @@ class Strategy:
     iteration: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def ask(self, iteration: int | None = None) -> list[Member]:
+    def ask(self, iteration: int | None = None) -> list[Candidate]:
         """The members of `iteration` (default: the current one). Antithetic: (seed, +1), (seed, -1) pairs."""
         it = self.iteration if iteration is None else iteration
         n = self.config.population
         if self.config.antithetic:
             seeds = [member_seed(self.root_seed, it, k) for k in range(n // 2)]
-            return [Member(2 * k + j, seed, 1 - 2 * j) for k, seed in enumerate(seeds) for j in (0, 1)]
-        return [Member(k, member_seed(self.root_seed, it, k), 1) for k in range(n)]
+            return [Candidate(2 * k + j, seed, 1 - 2 * j) for k, seed in enumerate(seeds) for j in (0, 1)]
+        return [Candidate(k, member_seed(self.root_seed, it, k), 1) for k in range(n)]
 
     def tell(self, rewards: list[float] | np.ndarray) -> list[tuple[int, float]]:
         """Takes the rewards of the current iteration's members (in `ask` order) and returns the update

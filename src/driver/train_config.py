@@ -34,8 +34,9 @@ from shared.engine_pex import (
 from shared.protocol import CPU_LINEAR_MODES, DTYPES, PACKAGED_MODELS, RESTORE_MODES
 from shared.tasks import TASKS, CountdownTask, TaskError, load_task
 
-# Where the engines run: "cpu" and "cuda" (transformers on CPUs or CUDA GPUs), "vllm" (GPUs, TPUs or CPUs).
-BACKENDS = ("cpu", "cuda", "vllm")
+# --backend: where and with what the engines run: "cpu" and "cuda" (the transformers engine backend on CPUs
+# or CUDA GPUs), "vllm" (the vLLM engine backend on GPUs, TPUs or CPUs); see shared.protocol.ENGINE_BACKENDS.
+BACKEND_CHOICES = ("cpu", "cuda", "vllm")
 DATASETS = ("generated", "reference", "hf")
 # The most problems --train-size and --eval-size may ask for: generating them takes about 20 s (Countdown,
 # on the development machine); a larger dataset comes from a file (--dataset-path).
@@ -81,7 +82,7 @@ class TrainConfig:
         "rollout backend: cpu (transformers on CPU), cuda (transformers on a GPU) or vllm (vLLM on GPUs, "
         "with --engine-gpus, from the engine-gpu PEX; on TPU chips, with --engine-resources TPU=N, "
         "from the engine PEX; with neither, on CPUs, from the engine-cpu PEX)",
-        choices=BACKENDS,
+        choices=BACKEND_CHOICES,
     )
     dtype: str = _opt("float32", "weights dtype in the engines", choices=DTYPES)
     restore_mode: str = _opt(

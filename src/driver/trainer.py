@@ -43,13 +43,13 @@ from tqdm import tqdm
 from driver.checkpointing import (
     Anchor,
     CheckpointError,
-    Restore,
+    LoadPlan,
     ResumePoint,
     es_state,
     full_due,
+    load_plan,
     model_digest,
     prune,
-    restore_plan,
     resume_point,
     weight_files,
 )
@@ -206,7 +206,7 @@ class Trainer:
         self.restarts: Counter[int] = Counter()
         # {"path", "digest"} of the base model (None when the driver cannot read it: only full checkpoints).
         self.base_model: dict[str, str] | None = None
-        self.saved_updates = -1  # updates of the newest checkpoint written or resumed from
+        self.saved_updates: int | None = None  # updates of the newest checkpoint written or resumed from
         self.machines: list[dict[str, Any]] = []  # each engine's LoadResult.machine
         self._stop = False
         self.stop_signal: int | None = None  # the signal that requested a stop
@@ -215,7 +215,7 @@ class Trainer:
         self._update_s = 0.0  # wall seconds of the last update
         # False between `tell` and the engines' confirmation of the update, and while a checkpoint is being
         # written: a signal handler may checkpoint only when True.
-        self._consistent = True
+        self._safe_to_checkpoint = True
         self._writer = None
 
     # ---- engines -----------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ class Trainer:
         updates = self.strategy.iteration
         full = full or self.base_model is None
         path = self.run_dir.checkpoint_path(updates)
-        consistent, self._consistent = self._consistent, False
+        safe, self._safe_to_checkpoint = self._safe_to_checkpoint, False
         try:
             with self.run_dir.new_checkpoint(updates) as tmp:
                 has_master = False
@@ -455,7 +455,7 @@ class Trainer:
                 f"are intact (latest: {latest[1] if latest else 'none'})"
             ) from e
         finally:
-            self._consistent = consistent
+            self._safe_to_checkpoint = safe
         files = checkpoint_files(path)
         if full:
             self.anchor = Anchor(updates, str(files.model), str(files.master) if has_master else None)
@@ -516,8 +516,8 @@ class Trainer:
         )
         return result
 
-    def _restore(self, restore: Restore, where: str) -> int:
-        """Loads `restore`'s anchor into every engine, replays its updates and checks the weights against
+    def _load_weights(self, plan: LoadPlan, where: str) -> int:
+        """Loads `plan`'s anchor into every engine, replays its updates and checks the weights against
         its fingerprint (`where` names the checkpoint in errors); sets the run's anchor and fingerprint.
         Returns the number of parameters.
 
@@ -525,26 +525,26 @@ class Trainer:
             CheckpointError: the replayed weights differ from the checkpoint's. EngineSyncError: engines
                 loaded different weights.
         """
-        self.anchor = restore.anchor
-        loaded = ray.get([self._load(i, restore.anchor) for i in range(len(self.pool.handles))])
+        self.anchor = plan.anchor
+        loaded = ray.get([self._load(i, plan.anchor) for i in range(len(self.pool.handles))])
         fingerprints = [r.fingerprint for r in loaded]
         self.machines = [r.machine for r in loaded]
-        if restore.updates:
-            tqdm.write(f"replaying {len(restore.updates)} updates onto {restore.anchor.model_dir}")
-            fingerprints = self._replay(list(range(len(self.pool.handles))), restore.updates)
-            if restore.fingerprint is not None and restore.fingerprint not in fingerprints:
+        if plan.updates:
+            tqdm.write(f"replaying {len(plan.updates)} updates onto {plan.anchor.model_dir}")
+            fingerprints = self._replay(list(range(len(self.pool.handles))), plan.updates)
+            if plan.fingerprint is not None and plan.fingerprint not in fingerprints:
                 raise CheckpointError(
-                    f"{where}: replaying its {len(restore.updates)} updates onto {restore.anchor.model_dir} "
-                    f"gave weights {fingerprints[0][:12]}, the run recorded {restore.fingerprint[:12]}: "
+                    f"{where}: replaying its {len(plan.updates)} updates onto {plan.anchor.model_dir} "
+                    f"gave weights {fingerprints[0][:12]}, the run recorded {plan.fingerprint[:12]}: "
                     "these engines compute differently from the ones that wrote it (compare the manifest's "
                     "engine machines)"
                 )
-        self.fingerprint = restore.fingerprint
+        self.fingerprint = plan.fingerprint
         self._check_agreement(fingerprints, "after loading the model")
         return loaded[0].parameters
 
-    def evaluate_model(self, restore: Restore, where: str) -> dict[str, Any]:
-        """Starts the engines, restores the weights (`_restore`: a model directory, or a checkpoint's
+    def evaluate_model(self, plan: LoadPlan, where: str) -> dict[str, Any]:
+        """Starts the engines, loads the weights (`_load_weights`: a model directory, or a checkpoint's
         anchor plus its updates), evaluates them on the held-out split (see `evaluate`) and stops the
         engines. Ray must be initialised.
 
@@ -554,7 +554,7 @@ class Trainer:
         """
         try:
             self.pool = EnginePool.start(self.spec, check=False)
-            self._restore(restore, where)
+            self._load_weights(plan, where)
             return {"fingerprint": self.fingerprint, **self.evaluate()}
         finally:
             self.pool.shutdown()
@@ -592,7 +592,7 @@ class Trainer:
         rewards = np.array([np.mean(r.rewards) for r in results])
         started = time.perf_counter()
         before = (self.strategy.state_dict(), self.fingerprint)
-        self._consistent = False
+        self._safe_to_checkpoint = False
         update = self.strategy.tell(rewards)
         try:
             self._apply_update(update)
@@ -605,7 +605,7 @@ class Trainer:
             self.fingerprint = before[1]
             raise Stopped from None
         finally:
-            self._consistent = True
+            self._safe_to_checkpoint = True
         update_s = self._update_s = time.perf_counter() - started
         engine_seconds = {
             phase: float(sum(getattr(r.seconds, phase) for r in results))
@@ -672,15 +672,15 @@ class Trainer:
             )
             self._call_one(0, "make_tiny_model", base, seed=0, warm_start_steps=TINY_WARM_START_STEPS)
         self.base_model = self._base_identity(base)
-        restore = Restore(Anchor(0, base), [], None)
+        plan = LoadPlan(Anchor(0, base), [], None)
         if self.resume is not None:
             for path, why in self.resume.skipped:
                 tqdm.write(f"warning: skipped a checkpoint that does not verify: {why}")
                 tqdm.write(f"  kept as {run_dir.set_aside(path)}; resuming from {self.resume.path.name}")
             self.strategy = Strategy.from_state_dict(self.resume.state["strategy"])
             self.saved_updates = self.resume.updates
-            restore = restore_plan(run_dir, self.saved_updates, self.resume.state, config.device_type)
-        parameters = self._restore(restore, str(run_dir.checkpoint_path(self.saved_updates)))
+            plan = load_plan(run_dir, self.saved_updates, self.resume.state, config.device_type)
+        parameters = self._load_weights(plan, str(self.resume.path if self.resume else base))
         modules = ray.get([h.module_versions.remote(REPORTED_MODULES) for h in self.pool.handles])
         manifest = json.loads(run_dir.manifest.read_text()) if run_dir.manifest.exists() else {"sessions": []}
         manifest["sessions"].append(
@@ -691,7 +691,7 @@ class Trainer:
         run_dir.truncate_to(self.saved_updates)
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=max(self.saved_updates, 0) or None)
+        self._writer = SummaryWriter(str(run_dir.tensorboard), purge_step=self.saved_updates or None)
         tqdm.write(
             f"model {base if self.resume is None else self.anchor.model_dir}: "
             f"{parameters:,} parameters, fingerprint {self.fingerprint[:12]}; "
@@ -726,7 +726,7 @@ class Trainer:
 
     def _unsaved_updates(self) -> bool:
         """True when updates were made since the newest checkpoint (or, without one, since the start)."""
-        return self.strategy.iteration > max(self.saved_updates, 0)
+        return self.strategy.iteration > (self.saved_updates or 0)
 
     @contextlib.contextmanager
     def _stop_signals(self):
@@ -748,7 +748,7 @@ class Trainer:
             )
             # First a compact checkpoint of the last finished iteration, at once: on a preempted VM the
             # raylet gets the signal too, and Ray ends this process when its raylet is gone.
-            if self._consistent and self.anchor is not None and self._unsaved_updates():
+            if self._safe_to_checkpoint and self.anchor is not None and self._unsaved_updates():
                 self._checkpoint(full=False)
 
         previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
@@ -814,11 +814,16 @@ class Trainer:
                     # cluster has no capacity left): keep every finished iteration, say how to go on.
                     if self._unsaved_updates():
                         self._checkpoint(full=False)
+                    saved = (
+                        f"checkpointed in {self.run_dir.checkpoint_path(self.saved_updates)}"
+                        if self.saved_updates is not None
+                        else "before its first checkpoint"
+                    )
                     raise EngineStartError(
-                        f"{e}\nThe run stopped after {self.strategy.iteration} updates, checkpointed in "
-                        f"{self.run_dir.checkpoint_path(self.saved_updates)}. Continue it with --resume "
-                        f"--output-dir {self.run_dir.root} once the cluster has room for the engines again "
-                        "(or with fewer --num-engines: the result does not depend on their number)."
+                        f"{e}\nThe run stopped after {self.strategy.iteration} updates, {saved}. Continue it "
+                        f"with --resume --output-dir {self.run_dir.root} once the cluster has room for the "
+                        "engines again (or with fewer --num-engines: the result does not depend on their "
+                        "number)."
                     ) from e
         finally:
             if self._writer is not None:

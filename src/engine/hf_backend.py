@@ -20,7 +20,7 @@ from engine.torch_weights import TorchWeights
 from shared.protocol import CheckpointResult, LoadRequest
 from shared.run_layout import CheckpointFiles, atomic_dir
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def use_deterministic_kernels() -> None:
@@ -56,8 +56,8 @@ class HFBackend:
     """
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -66,7 +66,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=DTYPES[dtype], local_files_only=True
+            self.model_dir, dtype=TORCH_DTYPES[dtype], local_files_only=True
         ).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)

@@ -265,11 +265,12 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def truncate_to(self, updates: int) -> None:
+    def truncate_to(self, updates: int | None) -> None:
         """Drops metrics and samples recorded after `updates` updates (work lost with an interrupted run
-        beyond its last checkpoint), rewriting the files atomically."""
+        beyond its last checkpoint; None: every row, a run that starts over), rewriting the files
+        atomically."""
         for path in (self.metrics, self.samples):
-            kept = [row for row in read_jsonl(path) if row_updates(row) <= updates]
+            kept = [row for row in read_jsonl(path) if updates is not None and row_updates(row) <= updates]
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w") as f:
