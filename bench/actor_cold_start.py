@@ -38,7 +38,9 @@ from pathlib import Path
 import ray
 
 from driver.engine_build import EngineBuildError, resolve_engine_pex
-from driver.engine_pool import EnginePool, EnginePreflightError, EngineSpec, default_python, preflight
+from driver.engine_pool import EnginePool, EngineSpec
+from driver.engine_preflight import EnginePreflightError, preflight
+from driver.engine_spec import default_python
 
 ENGINE_REQUIREMENTS = Path("3rdparty/python/engine-requirements.txt")
 

@@ -16,17 +16,10 @@ from pathlib import Path
 import pytest
 import ray
 
-import driver.engine_pool
-from driver.engine_pool import (
-    EnginePool,
-    EnginePreflightError,
-    EngineSpec,
-    EngineStartError,
-    preflight,
-    prepare,
-    read_pex_info,
-    venv_of,
-)
+import driver.engine_preflight
+from driver.engine_diagnostics import ray_logs_dir
+from driver.engine_pool import EnginePool, EngineSpec, EngineStartError
+from driver.engine_preflight import EnginePreflightError, preflight, prepare, read_pex_info, venv_of
 from driver.train_config import build_parser
 
 TOY_PEX = Path("tests/toy-engine.pex")
@@ -229,7 +222,7 @@ def test_preflight_refuses_a_pex_root_without_room_to_extract(tmp_path, monkeypa
     """The free space of PEX_ROOT's filesystem (made small here) is checked against the installed size of
     the PEX's wheels before anything is extracted."""
     real = shutil.disk_usage
-    monkeypatch.setattr(driver.engine_pool.shutil, "disk_usage", lambda p: real(p)._replace(free=10**6))
+    monkeypatch.setattr(driver.engine_preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=10**6))
     with pytest.raises(
         EnginePreflightError,
         match=r"no space to extract the engine PEX .* into PEX_ROOT .*: 0\.00 GB free on its filesystem, "
@@ -247,3 +240,12 @@ def test_engines_the_cluster_has_no_room_for_time_out_naming_the_capacity(ray_cl
     message = str(raised.value)
     assert "the cluster had no free capacity for 2 engine(s) when they were requested" in message
     assert "they need CPU=6, free were CPU=4" in message
+
+
+def test_rays_private_session_api_still_exists_in_the_locked_ray(ray_cluster):
+    """`engine_diagnostics.ray_logs_dir`, the one use of Ray's private API, finds the session's logs through
+    `ray._private.worker._global_node`: a Ray update that drops it fails here, not in a failed start."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    assert node is not None, "ray._private.worker._global_node is gone from the locked Ray"
+    assert ray_logs_dir() == Path(node.get_logs_dir_path())
+    assert ray_logs_dir().is_dir()

@@ -71,6 +71,23 @@ def ship_local(bundle: ship.Bundle, *dests: Path, prepare: bool = True) -> int:
     return ship.main(args if prepare else [*args, "--no-prepare"])
 
 
+def test_a_symlink_in_an_artifact_ships_as_a_regular_file(tmp_path):
+    """A packed PEX holds `pex` -> `__main__.py`: copied or hard-linked, the bundle holds a regular file
+    with its bytes, which the installer (regular files only) accepts."""
+    packed = tmp_path / "dist" / "engine.pex"
+    packed.mkdir(parents=True)
+    (packed / "__main__.py").write_text("print('engine')\n")
+    (packed / "pex").symlink_to("__main__.py")
+    for link in (True, False):
+        out = tmp_path / f"bundle-link-{link}"
+        manifest = bundle_mod.assemble(
+            tmp_path / "dist", out, Path.cwd(), sys.executable, {"engine.pex": ("t", "engine.pex")}, link=link
+        )
+        shipped = out / "engine.pex" / "pex"
+        assert not shipped.is_symlink() and shipped.read_text() == "print('engine')\n"
+        assert host_install.verify(out, manifest) == []
+
+
 def test_ship_to_two_hosts_installs_verified_and_prepared(built, tmp_path, capfd):
     hosts = [tmp_path / "host-a", tmp_path / "host-b"]
     assert ship_local(built, *hosts) == 0

@@ -10,7 +10,7 @@ import ray
 
 from driver import train
 from driver.checkpointing import Anchor
-from driver.engine_pool import DEFAULT_ENGINE_PEX
+from driver.engine_spec import DEFAULT_ENGINE_PEX
 from driver.train_config import (
     PAPER_ALPHA,
     PAPER_SIGMA,

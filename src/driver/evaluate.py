@@ -20,7 +20,8 @@ from pathlib import Path
 from driver.checkpointing import Anchor, CheckpointError, LoadPlan, is_full, load_plan, verify
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
-from driver.engine_pool import EnginePreflightError, EngineStartError
+from driver.engine_pool import EngineStartError
+from driver.engine_preflight import EnginePreflightError
 from driver.task_data import load_problems
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, plot_run, prepare_engines
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args

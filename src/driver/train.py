@@ -25,14 +25,9 @@ from pathlib import Path
 from driver.checkpointing import CheckpointError, ResumePoint
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError, resolve_engine_pex
-from driver.engine_pool import (
-    EnginePreflightError,
-    EngineSpec,
-    EngineStartError,
-    default_pex_root,
-    default_python,
-    preflight,
-)
+from driver.engine_pool import EngineStartError
+from driver.engine_preflight import EnginePreflightError, preflight
+from driver.engine_spec import EngineSpec, default_pex_root, default_python
 from driver.reward_plot import write_reward_plot
 from driver.run_lock import RunLock
 from driver.task_data import Problems
@@ -64,7 +59,7 @@ def engine_spec(config: TrainConfig, pex: Path) -> EngineSpec:
 
 
 def prepare_engines(config: TrainConfig) -> EngineSpec:
-    """Finds or builds the engine PEX, checks and extracts it on this node (`engine_pool.preflight`), and
+    """Finds or builds the engine PEX, checks and extracts it on this node (`engine_preflight.preflight`), and
     returns the run's EngineSpec with the PEX's venv, from whose interpreter engine workers start.
 
     Raises:

@@ -30,8 +30,6 @@ from engine.hf_backend import use_deterministic_cublas
 from shared.protocol import CPU_LINEAR_MODES, CheckpointResult, LoadRequest
 from shared.run_layout import MASTER, CheckpointFiles, atomic_dir
 
-TORCH_EXTENSION = "engine.vllm_worker.TorchWorkerExtension"
-
 # The start-up probe of `VLLMBackend.check_perturbation_reaches_logits`: a short prompt, a few greedy
 # tokens with their top-k log-probabilities, and a perturbation large enough to move them in bf16.
 PROBE_PROMPT = "Using the numbers [3, 5, 7], create an equation that equals 22."
@@ -44,17 +42,23 @@ class PerturbationError(RuntimeError):
     """The ES weight operations do not reach the engine's forward pass, or restore is not exact."""
 
 
-JAX_EXTENSION = "engine.vllm_worker.JaxWorkerExtension"
-CPU_TORCH_EXTENSION = "engine.vllm_cpu_worker.CpuTorchWorkerExtension"
-
-
 def worker_extension(is_tpu: bool, is_cpu: bool = False) -> str:
-    """The qualified name of the worker extension for the platform: tpu-inference workers hold JAX
-    weights, CUDA workers torch weights, CPU workers torch weights behind weight-reading linear layers
-    (`engine.vllm_cpu_worker`)."""
-    if is_tpu:
-        return JAX_EXTENSION
-    return CPU_TORCH_EXTENSION if is_cpu else TORCH_EXTENSION
+    """The qualified name of the worker extension for the platform (vLLM imports it in its workers):
+    tpu-inference workers hold JAX weights, CUDA workers torch weights, CPU workers torch weights behind
+    weight-reading linear layers (`engine.vllm_cpu_worker`).
+
+    On the CPU platform this imports `engine.vllm_cpu_worker`, which installs those layers in this
+    process too (an engine that runs in-process needs them here; call it after `CPU_LINEAR_ENV` is set).
+    """
+    if is_cpu and not is_tpu:
+        from engine import vllm_cpu_worker
+
+        extension: type = vllm_cpu_worker.CpuTorchWorkerExtension
+    else:
+        from engine import vllm_worker
+
+        extension = vllm_worker.JaxWorkerExtension if is_tpu else vllm_worker.TorchWorkerExtension
+    return f"{extension.__module__}.{extension.__qualname__}"
 
 
 def sampling_params(max_new_tokens: int) -> Any:

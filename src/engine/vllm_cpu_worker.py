@@ -5,7 +5,8 @@ vLLM's CPU backend computes linear layers from a prepacked copy of their weights
 in-place perturbation must be made visible before the model loads. The only code of ours that vLLM runs
 in its worker process before `load_model` is the import of the `worker_extension_cls`: importing this
 module installs `engine.vllm_cpu.use_weight_reading_linear` with the mode in `CPU_LINEAR_ENV` (set by
-`VLLMBackend`). `VLLMBackend` names this class only on the CPU platform; nothing else imports this module.
+`VLLMBackend`). Only `engine.vllm_backend.worker_extension` imports it, on the CPU platform, after that
+variable is set: the actor process then has the layers too (which an in-process engine needs).
 """
 
 from __future__ import annotations

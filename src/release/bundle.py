@@ -110,6 +110,12 @@ def make_manifest(bundle: Path, root: Path, vm_python: str, artifacts: list[str]
     }
 
 
+def _link_target(source: str, target: str) -> None:
+    """Hard-links the file `source` names, following a symlink (Linux's link(2), which `os.link` uses
+    here, would link the symlink itself)."""
+    os.link(os.path.realpath(source), target)
+
+
 def assemble(
     dist: Path,
     out: Path,
@@ -126,6 +132,9 @@ def assemble(
         link: hard-link instead of copying, for a `dist` that is never modified in place (a test
             sandbox); never for ./dist, which Pants rewrites.
 
+    A symlink in an artifact (a packed PEX's `pex` -> `__main__.py`) becomes a regular file with its
+    target's bytes: hosts install regular files only (`host_install.verify`).
+
     Raises:
         BundleError: an artifact is missing from `dist`.
     """
@@ -136,7 +145,7 @@ def assemble(
     with atomic_dir(out) as tmp:
         for name, (_, rel) in artifacts.items():
             source = dist / rel
-            copy = os.link if link else shutil.copy2
+            copy = _link_target if link else shutil.copy2
             if source.is_dir():
                 shutil.copytree(source, tmp / name, symlinks=False, copy_function=copy)
             else:

@@ -13,14 +13,8 @@ import os
 import sys
 import time
 
-from driver.engine_pool import (
-    EnginePreflightError,
-    EngineSpec,
-    default_engine_pex,
-    default_pex_root,
-    default_python,
-    preflight,
-)
+from driver.engine_preflight import EnginePreflightError, preflight
+from driver.engine_spec import EngineSpec, default_engine_pex, default_pex_root, default_python
 
 
 def main(argv: list[str] | None = None) -> int:
