@@ -17,7 +17,7 @@ import argparse
 from importlib import metadata
 from pathlib import Path
 
-from engine.hf_backend import DTYPES
+from engine.hf_backend import TORCH_DTYPES
 from shared.protocol import PACKAGED_MODELS
 from shared.run_layout import atomic_dir
 
@@ -64,15 +64,15 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "bfloat16") 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     gguf, out = Path(gguf), Path(out_dir)
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
     if (out / "config.json").exists():
         return out
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=DTYPES[dtype], low_cpu_mem_usage=True
+        str(gguf.parent), gguf_file=gguf.name, dtype=TORCH_DTYPES[dtype], low_cpu_mem_usage=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model carries a quantization config that save_pretrained refuses; the weights are
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--gguf", help="a GGUF file (default: --model's packaged file)")
     source.add_argument("--model", default=PACKAGED_MODELS[0], choices=sorted(MODELS))
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(TORCH_DTYPES))
     args = parser.parse_args(argv)
     gguf = Path(args.gguf) if args.gguf else packaged_gguf(args.model)
     print(import_gguf(gguf, args.out, args.dtype))
