@@ -61,20 +61,25 @@ class RunDirError(RuntimeError):
     """The output directory is unusable: a run exists where a new one should start, or none to resume."""
 
 
-def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
-    """Writes `data` as indented JSON to `path` via a temporary file (flushed to disk) and a rename."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` via a temporary file in the same directory (flushed to disk) and a rename,
+    so `path` always holds the old or the new text; the temporary file is removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=sort_keys)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
+    """Writes `data` as indented JSON to `path` atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 @contextlib.contextmanager
@@ -271,16 +276,7 @@ class RunDir:
         atomically."""
         for path in (self.metrics, self.samples):
             kept = [row for row in read_jsonl(path) if updates is not None and row_updates(row) <= updates]
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in kept)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in kept))
 
 
 def row_updates(row: dict[str, Any]) -> int:
