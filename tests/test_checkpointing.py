@@ -59,6 +59,18 @@ def write_checkpoint(run: RunDir, updates: int, kind: str, anchor: int, base: Pa
     return path
 
 
+@pytest.fixture
+def run(tmp_path, base) -> RunDir:
+    """Full after 2 and 4 updates, compact after 3 (onto 2) and 5 (onto 4) and 1 (onto the base model)."""
+    run = RunDir(tmp_path / "run")
+    write_checkpoint(run, 1, COMPACT, 0, base)
+    write_checkpoint(run, 2, FULL, 2, base)
+    write_checkpoint(run, 3, COMPACT, 2, base)
+    write_checkpoint(run, 4, FULL, 4, base)
+    write_checkpoint(run, 5, COMPACT, 4, base)
+    return run
+
+
 def names(run: RunDir) -> list[str]:
     return [path.name for _, path in run.list_checkpoints()]
 
@@ -78,13 +90,7 @@ def test_full_checkpoints_are_due_every_k_and_at_the_end():
     assert [u for u in range(1, 11) if full_due(u, 10, 0)] == [10]
 
 
-def test_retention_keeps_the_newest_full_and_what_compact_checkpoints_need(tmp_path, base):
-    run = RunDir(tmp_path / "run")
-    write_checkpoint(run, 1, COMPACT, 0, base)
-    write_checkpoint(run, 2, FULL, 2, base)
-    write_checkpoint(run, 3, COMPACT, 2, base)
-    write_checkpoint(run, 4, FULL, 4, base)
-    write_checkpoint(run, 5, COMPACT, 4, base)
+def test_retention_keeps_the_newest_full_and_what_compact_checkpoints_need(run, base):
     write_checkpoint(run, 6, FULL, 6, base)
     assert prune(run, keep_full=0) == []
     assert prune(run, keep_full=2) == [2, 3]
@@ -137,18 +143,6 @@ def test_replay_is_refused_when_the_base_model_changed(tmp_path, base):
 
 
 # ---- damaged checkpoints (issue 24, item 3) ----------------------------------------------------------
-
-
-@pytest.fixture
-def run(tmp_path, base) -> RunDir:
-    """Full after 2 and 4 updates, compact after 3 (onto 2) and 5 (onto 4) and 1 (onto the base model)."""
-    run = RunDir(tmp_path / "run")
-    write_checkpoint(run, 1, COMPACT, 0, base)
-    write_checkpoint(run, 2, FULL, 2, base)
-    write_checkpoint(run, 3, COMPACT, 2, base)
-    write_checkpoint(run, 4, FULL, 4, base)
-    write_checkpoint(run, 5, COMPACT, 4, base)
-    return run
 
 
 def truncate(path: Path, size: int) -> None:

@@ -25,6 +25,7 @@ from train_scenarios import (
     killed_engine_restarts,
     sigterm_then_resume,
     train_iterations,
+    uninterrupted_run,
 )
 
 import driver.trainer
@@ -53,12 +54,7 @@ def engine_python_code(code: str) -> str:
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, tmp_path_factory):
     """The uninterrupted run: tiny default model, ITERATIONS iterations."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    status = train.main(
-        [*COMMON, "--model-dir", "none", "--iterations", str(ITERATIONS), "--output-dir", str(out)]
-    )
-    assert status == train.EXIT_OK
-    return out
+    return uninterrupted_run(COMMON, ITERATIONS, tmp_path_factory.mktemp("reference") / "run")
 
 
 def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):

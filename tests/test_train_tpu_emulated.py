@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
-from train_scenarios import ctrl_c_then_resume
+from train_scenarios import ctrl_c_then_resume, uninterrupted_run
 
-from driver import train
 from shared.run_layout import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine.pex")
@@ -34,12 +33,7 @@ COMMON = [
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, tmp_path_factory):
     """The uninterrupted run: tiny default model, ITERATIONS iterations."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    status = train.main(
-        [*COMMON, "--model-dir", "none", "--iterations", str(ITERATIONS), "--output-dir", str(out)]
-    )
-    assert status == train.EXIT_OK
-    return out
+    return uninterrupted_run(COMMON, ITERATIONS, tmp_path_factory.mktemp("reference") / "run")
 
 
 def test_two_emulated_tpu_engines_train_and_the_checkpoint_loads_in_transformers(reference_run):

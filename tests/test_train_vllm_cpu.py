@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
-from train_scenarios import ctrl_c_then_resume, killed_engine_restarts
+from train_scenarios import ctrl_c_then_resume, killed_engine_restarts, uninterrupted_run
 
 from driver import train
 from shared.run_layout import read_jsonl
@@ -44,12 +44,7 @@ def engine_python_code(code: str) -> str:
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, tmp_path_factory):
     """The uninterrupted run: tiny default model, ITERATIONS iterations."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    status = train.main(
-        [*COMMON, "--model-dir", "none", "--iterations", str(ITERATIONS), "--output-dir", str(out)]
-    )
-    assert status == train.EXIT_OK
-    return out
+    return uninterrupted_run(COMMON, ITERATIONS, tmp_path_factory.mktemp("reference") / "run")
 
 
 def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(reference_run):

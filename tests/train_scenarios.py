@@ -39,6 +39,16 @@ def train_iterations(out: Path) -> list[int]:
     return [r["iteration"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
 
 
+def uninterrupted_run(common: list[str], iterations: int, out: Path) -> Path:
+    """The reference run the scenarios compare with: `common` arguments, the tiny default model,
+    `iterations` iterations, into `out`; returns `out`."""
+    status = train.main(
+        [*common, "--model-dir", "none", "--iterations", str(iterations), "--output-dir", str(out)]
+    )
+    assert status == train.EXIT_OK
+    return out
+
+
 def ctrl_c_then_resume(common: list[str], reference: Path, iterations: int, out: Path, capsys) -> None:
     """Ctrl-C in iteration 2 with --stop-deadline 0 drops that iteration and exits 130, keeping the
     checkpoint after 2 updates (compact); `--resume` replays it and finishes the run."""
