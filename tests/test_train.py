@@ -28,7 +28,7 @@ from train_scenarios import (
     uninterrupted_run,
 )
 
-import driver.trainer
+import driver.checkpointer
 from driver import evaluate, train
 from shared.run_layout import read_jsonl
 from shared.seeds import NOISE_VERSION
@@ -190,7 +190,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_loses_nothing(
     out = tmp_path / "run"
     args = [*COMMON, "--model-dir", str(reference_run / "base-model"), "--iterations", str(ITERATIONS)]
     args += ["--output-dir", str(out), "--checkpoint-every", "1"]
-    real_write = driver.trainer.write_json_atomic
+    real_write = driver.checkpointer.write_json_atomic
 
     def disk_full(path, data, sort_keys=True):
         if path.name == "es_state.json" and ".iter-000002." in str(path):
@@ -199,14 +199,14 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_loses_nothing(
 
     def fill_the_disk_in_iteration_1(trainer, iteration, member, engine):
         if iteration == 1:
-            monkeypatch.setattr(driver.trainer, "write_json_atomic", disk_full)
+            monkeypatch.setattr(driver.checkpointer, "write_json_atomic", disk_full)
 
     assert train.main(args, on_member_done=fill_the_disk_in_iteration_1) == train.EXIT_FAILED
     err = capsys.readouterr().err
     assert f"cannot write the checkpoint {out / 'checkpoints' / 'iter-000002'}" in err
     assert "No space left on device" in err and "iter-000001" in err
     assert checkpoint_kinds(out) == {"iter-000001": "compact"}
-    monkeypatch.setattr(driver.trainer, "write_json_atomic", real_write)
+    monkeypatch.setattr(driver.checkpointer, "write_json_atomic", real_write)
     assert train.main([*args, "--resume"]) == train.EXIT_OK
     assert train_iterations(out) == list(range(ITERATIONS))
     assert_same_metrics(out, reference_run)

@@ -10,6 +10,7 @@ import ray
 
 from driver import train
 from driver.checkpointing import Anchor
+from driver.engine_fleet import load_request
 from driver.engine_spec import DEFAULT_ENGINE_PEX
 from driver.train_config import (
     PAPER_ALPHA,
@@ -22,7 +23,6 @@ from driver.train_config import (
     load_config_file,
     merge_for_resume,
 )
-from driver.trainer import load_request
 from shared.engine_pex import pex_path
 
 

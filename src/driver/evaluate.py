@@ -20,12 +20,13 @@ from pathlib import Path
 from driver.checkpointing import Anchor, CheckpointError, LoadPlan, is_full, load_plan, verify
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
+from driver.engine_fleet import EngineSyncError
 from driver.engine_pool import EngineStartError
 from driver.engine_preflight import EnginePreflightError
+from driver.held_out import evaluate_model
 from driver.task_data import load_problems
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, plot_run, prepare_engines
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
-from driver.trainer import EngineSyncError, Trainer
 from shared.run_layout import (
     ES_STATE,
     MODEL,
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started_ray = init_ray(config.address)
     try:
-        result = Trainer(config, spec, problems).evaluate_model(plan, str(checkpoint))
+        result = evaluate_model(config, spec, problems, plan, str(checkpoint))
     except (EngineStartError, EngineSyncError, CheckpointError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_FAILED

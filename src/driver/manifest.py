@@ -22,6 +22,7 @@ import numpy as np
 import ray
 
 from shared.lockfile import LOCKFILES_DIR
+from shared.run_layout import write_json_atomic
 from shared.seeds import NOISE_VERSION
 
 
@@ -115,3 +116,11 @@ def session_entry(
             for report, modules, machine in zip(engine_reports, engine_modules, engine_machines, strict=True)
         ],
     }
+
+
+def append_session(path: Path, entry: dict[str, Any]) -> None:
+    """Appends `entry` (`session_entry`) to the manifest at `path` ({"sessions": [...]}, created when
+    missing), written atomically."""
+    manifest = json.loads(path.read_text()) if path.exists() else {"sessions": []}
+    manifest["sessions"].append(entry)
+    write_json_atomic(path, manifest)

@@ -25,14 +25,16 @@ from pathlib import Path
 from driver.checkpointing import CheckpointError, ResumePoint
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError, resolve_engine_pex
+from driver.engine_fleet import EngineSyncError
 from driver.engine_pool import EngineStartError
 from driver.engine_preflight import EnginePreflightError, preflight
 from driver.engine_spec import EngineSpec, default_pex_root, default_python
 from driver.reward_plot import write_reward_plot
 from driver.run_lock import RunLock
+from driver.run_open import open_run
 from driver.task_data import Problems
 from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
-from driver.trainer import EngineSyncError, Trainer, open_run
+from driver.trainer import Trainer
 from shared.run_layout import RunDir, RunDirError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
