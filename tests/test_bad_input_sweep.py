@@ -18,7 +18,6 @@ import json
 import math
 import re
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -28,7 +27,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from driver import train
-from driver.train_config import MAX_PROBLEMS, RESUMABLE_OVERRIDES, TrainConfig, build_parser
+from driver.config_sources import build_parser
+from driver.train_config import MAX_PROBLEMS, RESUMABLE_OVERRIDES, TrainConfig
 from shared.run_layout import write_json_atomic
 
 # Derandomized: CI tries the same cases every run (a sweep that found a new case now and then would make CI
@@ -40,7 +40,7 @@ SWEEP = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-FIELDS = {f.name: f for f in fields(TrainConfig)}
+FIELDS = TrainConfig.model_fields
 # A message is clear when it names an option, or the file it read.
 OPTION = re.compile(r"--[a-z][a-z-]+")
 # Files written by the front itself once validation passed: the run lock and its holder record.

@@ -17,10 +17,10 @@ import pytest
 import ray
 
 import driver.engine_preflight
+from driver.config_sources import build_parser
 from driver.engine_diagnostics import ray_logs_dir
 from driver.engine_pool import EnginePool, EngineSpec, EngineStartError
 from driver.engine_preflight import EnginePreflightError, preflight, prepare, read_pex_info, venv_of
-from driver.train_config import build_parser
 
 TOY_PEX = Path("tests/toy-engine.pex")
 ENTRY_POINT_PEX = Path("tests/entry-point-engine.pex")

@@ -10,19 +10,10 @@ import ray
 
 from driver import train
 from driver.checkpointing import Anchor
+from driver.config_sources import build_parser, config_from_args, load_config_file, merge_for_resume
 from driver.engine_fleet import load_request
 from driver.engine_spec import DEFAULT_ENGINE_PEX
-from driver.train_config import (
-    PAPER_ALPHA,
-    PAPER_SIGMA,
-    TINY_SIGMA,
-    ConfigError,
-    TrainConfig,
-    build_parser,
-    config_from_args,
-    load_config_file,
-    merge_for_resume,
-)
+from driver.train_config import PAPER_ALPHA, PAPER_SIGMA, TINY_SIGMA, ConfigError, TrainConfig
 from shared.engine_pex import pex_path
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from driver.checkpointing import Anchor, CheckpointError, LoadPlan, is_full, load_plan, verify
+from driver.config_sources import build_parser, config_from_args
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
 from driver.engine_fleet import EngineSyncError
@@ -26,7 +27,7 @@ from driver.engine_preflight import EnginePreflightError
 from driver.held_out import evaluate_model
 from driver.task_data import load_problems
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, plot_run, prepare_engines
-from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
+from driver.train_config import ConfigError, TrainConfig
 from shared.run_layout import (
     ES_STATE,
     MODEL,

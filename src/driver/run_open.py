@@ -4,8 +4,9 @@ problems and the checkpoint it goes on from."""
 from __future__ import annotations
 
 from driver.checkpointing import CheckpointError, ResumePoint, resume_point
+from driver.config_sources import merge_for_resume
 from driver.task_data import Problems, load_problems
-from driver.train_config import TrainConfig, merge_for_resume
+from driver.train_config import TrainConfig
 from shared.run_layout import RunDir, RunDirError
 
 

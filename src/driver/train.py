@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from driver.checkpointing import CheckpointError, ResumePoint
+from driver.config_sources import build_parser, config_from_args
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError, resolve_engine_pex
 from driver.engine_fleet import EngineSyncError
@@ -33,7 +34,7 @@ from driver.reward_plot import write_reward_plot
 from driver.run_lock import RunLock
 from driver.run_open import open_run
 from driver.task_data import Problems
-from driver.train_config import ConfigError, TrainConfig, build_parser, config_from_args
+from driver.train_config import ConfigError, TrainConfig
 from driver.trainer import Trainer
 from shared.run_layout import RunDir, RunDirError
 

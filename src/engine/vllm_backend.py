@@ -27,7 +27,7 @@ from typing import Any
 
 from engine.backend import Completion, chat_prompt
 from engine.hf_backend import use_deterministic_cublas
-from shared.protocol import CPU_LINEAR_MODES, CheckpointResult, LoadRequest
+from shared.protocol import CheckpointResult, LoadRequest
 from shared.run_layout import MASTER, CheckpointFiles, atomic_dir
 
 # The start-up probe of `VLLMBackend.check_perturbation_reaches_logits`: a short prompt, a few greedy
@@ -89,8 +89,11 @@ class VLLMBackend:
             (`kv_cache_memory_bytes`).
         cpu_linear: on vLLM's CPU platform, how linear layers reach the weights ES perturbs
             (`shared.protocol.CPU_LINEAR_MODES`: "read" computes from the parameters, "repack"
-            re-packs vLLM's kernels after every weight change). CPU engines also run eagerly
-            (`enforce_eager=True`, unless given): nothing is compiled around the weights.
+            re-packs vLLM's kernels after every weight change; checked where it enters: in
+            `shared.protocol.VLLMOptions`, and in vLLM's worker by
+            `engine.vllm_cpu.use_weight_reading_linear`).
+            CPU engines also run eagerly (`enforce_eager=True`, unless given): nothing is compiled around
+            the weights.
         restore_mode: "master" (exact, fp32 host master) or "subtract"; "device" on GPUs only.
         emulate_tpu: run the TPU engine's vLLM on JAX's CPU backend with the chip stood in
             (`engine.tpu_emulation`, installed before vLLM is imported; tests and development only):
@@ -274,10 +277,6 @@ class VLLMBackend:
                 "the emulation runs the TPU engine PEX (src/engine:engine, vllm-tpu + tpu-inference)"
             )
         if current_platform.is_cpu():
-            if cpu["cpu_linear"] not in CPU_LINEAR_MODES:
-                raise ValueError(f"cpu_linear must be one of {CPU_LINEAR_MODES}, got {cpu['cpu_linear']!r}")
-            if cpu["cpu_kv_cache_gib"] <= 0:
-                raise ValueError(f"cpu_kv_cache_gib must be > 0, got {cpu['cpu_kv_cache_gib']}")
             # Read by the CPU worker extension's module (engine.vllm_cpu_worker) in vLLM's engine process
             # (spawned: it inherits this).
             os.environ[CPU_LINEAR_ENV] = cpu["cpu_linear"]
