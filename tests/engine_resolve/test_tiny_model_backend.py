@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.hf_backend import HFBackend
+from engine.hf_backend import HFGenerator
 from engine.tiny_model import TAGS, make_tiny_model
 from shared.countdown import make_prompt
 
@@ -33,7 +33,7 @@ def test_same_seed_same_weights(tmp_path, model_dir):
 
 
 def test_batched_greedy_generation_equals_one_by_one(model_dir):
-    backend = HFBackend(model_dir)
+    backend = HFGenerator(model_dir)
     prompts = [make_prompt([1, 2, 3], 6), make_prompt([44, 19, 35, 2], 98), "short"]
     batched = backend.generate(prompts, max_new_tokens=12, batch_size=3)
     single = [backend.generate([p], max_new_tokens=12)[0] for p in prompts]

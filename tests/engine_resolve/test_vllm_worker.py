@@ -31,9 +31,10 @@ from vllm.v1.worker.worker_base import WorkerBase
 from engine.actor import EngineActor
 from engine.jax_layout import checkpoint_name
 from engine.jax_weights import leaf_names
+from engine.model_dir import write_model_dir
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
-from engine.vllm_backend import VLLMBackend, write_model_dir
+from engine.vllm_backend import VLLMBackend
 from engine.vllm_layout import LayoutError, merge_parts
 from engine.vllm_worker import JaxWorkerExtension, RecompilationError, TorchWorkerExtension
 from shared.protocol import LoadRequest
