@@ -20,7 +20,7 @@ import driver.engine_preflight
 from driver.config_sources import build_parser
 from driver.engine_diagnostics import ray_logs_dir
 from driver.engine_pool import EnginePool, EngineSpec, EngineStartError
-from driver.engine_preflight import EnginePreflightError, preflight, prepare, read_pex_info, venv_of
+from driver.engine_preflight import EnginePreflightError, preflight, read_pex_info, venv_of
 
 TOY_PEX = Path("tests/toy-engine.pex")
 ENTRY_POINT_PEX = Path("tests/entry-point-engine.pex")
@@ -86,9 +86,9 @@ def test_resources_the_cluster_lacks_fail_at_once_instead_of_pending(
 def test_missing_pex_is_a_preflight_error(ray_cluster, tmp_path):
     with pytest.raises(EnginePreflightError, match=r"engine PEX not found: .*nowhere\.pex.*./pants package"):
         EnginePool.start(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
-    # Pre-extraction (prepare-engine, the benchmarks) gives the same error, not a failed interpreter run.
+    # Pre-extraction (the benchmarks) gives the same error, not a failed interpreter run.
     with pytest.raises(EnginePreflightError, match=r"engine PEX not found: .*nowhere\.pex"):
-        prepare(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
+        preflight(spec(tmp_path, pex=tmp_path / "nowhere.pex"))
 
 
 def test_directory_that_is_not_a_pex_is_a_preflight_error(ray_cluster, tmp_path):
@@ -154,7 +154,7 @@ def test_unstartable_worker_hits_the_deadline_instead_of_hanging(ray_cluster, tm
 
 def test_pre_extraction_makes_the_actor_start_skip_extraction(ray_cluster, tmp_path):
     prepared = spec(tmp_path, num_engines=1)
-    venv = prepare(prepared)
+    venv = preflight(prepared)["prefix"]
     assert Path(venv).is_relative_to(tmp_path / "pex_root")
     before = _tree(tmp_path / "pex_root")
     pool = EnginePool.start(prepared, check=False)

@@ -1,10 +1,10 @@
-"""Checks the engine PEX before any actor exists (`preflight`), and pre-extracts it (`prepare`).
+"""Checks the engine PEX before any actor exists (`preflight`), which also pre-extracts it.
 
 When a Ray worker cannot start from the engine PEX (missing file, bad interpreter, entry-point PEX, a Ray
 version that crashes at import), the raylet retries forever and the driver hangs. So before any actor
 exists the PEX is checked: readable, no entry point, room to extract it, runs as an interpreter, same Ray
-version and Python minor as the driver. Extracting it into its venv under PEX_ROOT (`prepare`) makes
-actor starts warm.
+version and Python minor as the driver. Running it extracts it into its venv under PEX_ROOT, which makes
+later actor starts warm (`preflight(spec)["prefix"]` is that venv).
 """
 
 from __future__ import annotations
@@ -220,18 +220,6 @@ def preflight(spec: EngineSpec, timeout_s: float | None = None) -> dict[str, Any
         )
     report["venv"] = venv_of(spec, report, info.get("pex_hash"))
     return report
-
-
-def prepare(spec: EngineSpec, timeout_s: float = 1800.0) -> str:
-    """Pre-extracts the engine PEX into its venv under PEX_ROOT on this node, with every `preflight`
-    check (so a missing or broken PEX gives the preflight's error). Returns the venv prefix.
-
-    Later actor starts with the same PEX, interpreter and PEX_ROOT find the venv and skip extraction.
-
-    Raises:
-        EnginePreflightError: as `preflight`.
-    """
-    return preflight(spec, timeout_s)["prefix"]
 
 
 def _tail(text: str, lines: int = 20) -> str:

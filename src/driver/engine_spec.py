@@ -45,7 +45,7 @@ class EngineSpec:
         startup_timeout_s: seconds, from actor creation to all ready, for a node whose PEX is extracted.
         cold_start_allowance_s: extra seconds allowed when the PEX may still need extracting into
             PEX_ROOT on some node (a multi-GB engine PEX takes minutes on an empty PEX_ROOT); 0 when
-            every node was prepared with `engine_preflight.prepare`.
+            every node's PEX was extracted (`engine_preflight.preflight`, `install.py --prepare`).
         venv: the PEX's venv relative to PEX_ROOT (`venvs/1/<pex_hash>/<interpreter>`), as
             `engine_preflight.preflight` found and verified it; None to always start through the PEX. Where a
             node has it, workers start from the venv's interpreter directly, so no PEX bootstrap runs per
