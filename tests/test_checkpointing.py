@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from driver import evaluate
+from driver import checkpointing, evaluate
 from driver.checkpointing import (
     CheckpointError,
     es_state,
@@ -215,6 +215,19 @@ def test_resume_falls_back_past_damaged_checkpoints_naming_the_file_and_deletes_
         path.name for updates, path in reversed(run.list_checkpoints()) if updates > expected
     ]
     assert snapshot(run.root) == damaged, "verification changes nothing"
+
+
+def test_a_size_only_resume_point_reads_no_shard_and_the_full_one_catches_what_it_misses(run, monkeypatch):
+    """`train` looks for the resume point twice: before its lock by sizes (so that --resume reads a
+    multi-GB checkpoint once), then under the lock with every sha256. A rewritten shard of the same size
+    passes the first and not the second."""
+    expected, why = damage_rewritten_shard(run)
+    read = []
+    real = checkpointing._sha256
+    monkeypatch.setattr(checkpointing, "_sha256", lambda path: read.append(path) or real(path))
+    assert resume_point(run, read_bytes=False).updates == 5 and not read
+    point = resume_point(run)
+    assert point.updates == expected and why in point.skipped[0][1] and read
 
 
 @pytest.mark.parametrize("damage", [damage_truncated_es_state, damage_truncated_shard, damage_missing_shard])

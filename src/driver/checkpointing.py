@@ -357,8 +357,9 @@ class ResumePoint:
     skipped: list[tuple[Path, str]]
 
 
-def resume_point(run_dir: RunDir) -> ResumePoint | None:
-    """The newest checkpoint of `run_dir` that verifies (`verify`), or None when it has no checkpoint.
+def resume_point(run_dir: RunDir, read_bytes: bool = True) -> ResumePoint | None:
+    """The newest checkpoint of `run_dir` that verifies (`verify`; file sizes only without `read_bytes`),
+    or None when it has no checkpoint.
 
     Raises:
         CheckpointError: it has checkpoints and none verifies (each named with why).
@@ -366,7 +367,7 @@ def resume_point(run_dir: RunDir) -> ResumePoint | None:
     skipped = []
     for updates, path in reversed(run_dir.list_checkpoints()):
         try:
-            return ResumePoint(updates, path, verify(path, run_dir), skipped)
+            return ResumePoint(updates, path, verify(path, run_dir, read_bytes), skipped)
         except CheckpointError as e:
             skipped.append((path, str(e)))
     if skipped:

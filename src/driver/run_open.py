@@ -11,11 +11,12 @@ from shared.run_layout import RunDir, RunDirError
 
 
 def open_run(
-    config: TrainConfig, given: set[str] | None = None
+    config: TrainConfig, given: set[str] | None = None, read_bytes: bool = True
 ) -> tuple[TrainConfig, Problems, ResumePoint | None]:
     """Checks the output directory for a new or resumed run and loads the run's problems
     (`driver.task_data.load_problems`), before anything starts. A resumed run's problems come from its
-    saved config (task, dataset, split), so a plain `--resume --output-dir DIR` finds them.
+    saved config (task, dataset, split), so a plain `--resume --output-dir DIR` finds them. Without
+    `read_bytes`, checkpoint files are checked by size only (`checkpointing.verify`).
 
     Returns:
         (config, problems, resume): for --resume the saved config merged with the allowed overrides
@@ -45,7 +46,7 @@ def open_run(
     config = merge_for_resume(saved, config, given or set(), str(run_dir.config))
     problems = load_problems(config)
     try:
-        resume = resume_point(run_dir)
+        resume = resume_point(run_dir, read_bytes)
     except CheckpointError as e:
         raise RunDirError(f"--resume: {e}") from e
     if resume is None:

@@ -124,9 +124,10 @@ def main(argv: list[str] | None = None, on_member_done=None) -> int:
         if config.output_dir is None:
             config = TrainConfig(**{**config.to_dict(), "output_dir": default_output_dir()})
         requested = config
-        config, problems, resume = open_run(requested, given)
-        # Validated before the lock (nothing is written for a bad command line); once more under it, so
-        # that a driver which got there first (a new run, a newer checkpoint) is seen.
+        # Validated before the lock (nothing is written for a bad command line; checkpoint files by size
+        # only, reading them is for the second call); once more under it, so that a driver which got there
+        # first (a new run, a newer checkpoint) is seen, with every checkpoint file's sha256 checked.
+        config, problems, resume = open_run(requested, given, read_bytes=False)
         lock = RunLock(config.output_dir)
         lock.acquire()
     except (ConfigError, DatasetError, RunDirError) as e:
