@@ -223,8 +223,8 @@ def test_a_size_only_resume_point_reads_no_shard_and_the_full_one_catches_what_i
     passes the first and not the second."""
     expected, why = damage_rewritten_shard(run)
     read = []
-    real = checkpointing._sha256
-    monkeypatch.setattr(checkpointing, "_sha256", lambda path: read.append(path) or real(path))
+    real = checkpointing.sha256_file
+    monkeypatch.setattr(checkpointing, "sha256_file", lambda path: read.append(path) or real(path))
     assert resume_point(run, read_bytes=False).updates == 5 and not read
     point = resume_point(run)
     assert point.updates == expected and why in point.skipped[0][1] and read

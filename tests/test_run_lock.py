@@ -14,7 +14,8 @@ import time
 import pytest
 from train_scenarios import hold_run_lock
 
-from driver.run_lock import HOLDER_NAME, RunLock, RunLockedError
+from driver.run_lock import RunLock, RunLockedError
+from shared.run_layout import DRIVER_HOLDER
 
 
 def test_a_second_driver_is_refused_at_once_naming_the_holder(tmp_path):
@@ -46,5 +47,5 @@ def test_the_lock_of_a_killed_driver_is_taken_over(tmp_path):
 
 def test_the_holder_record_is_written_atomically_next_to_the_lock(tmp_path):
     with RunLock(tmp_path / "run"):
-        assert (tmp_path / "run" / HOLDER_NAME).exists()
+        assert (tmp_path / "run" / DRIVER_HOLDER).exists()
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".driver.json", ".driver.lock"]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driver.manifest import sha256_file
 from driver.strategy import Strategy
 from shared.run_layout import COMPACT, ES_STATE, EVAL, FULL, RunDir, checkpoint_files
 from shared.seeds import NOISE_VERSION
@@ -75,11 +76,6 @@ def is_full(state: dict[str, Any]) -> bool:
     return state.get("kind", FULL) == FULL
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _files(root: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
     """(relative POSIX path, path) of every file under `root`, in path order, without hidden names and
     the top-level names in `skip`."""
@@ -104,7 +100,7 @@ def model_digest(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     for relative, path in _files(root):
         digest.update(f"{relative}|{path.stat().st_size}|".encode())
-        digest.update(bytes.fromhex(_sha256(path)))
+        digest.update(bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()
 
 
@@ -117,7 +113,7 @@ def weight_files(checkpoint: str | Path) -> dict[str, dict[str, Any]]:
         OSError: a file is unreadable.
     """
     return {
-        relative: {"size": path.stat().st_size, "sha256": _sha256(path)}
+        relative: {"size": path.stat().st_size, "sha256": sha256_file(path)}
         for relative, path in _files(Path(checkpoint), skip=(ES_STATE, EVAL))
     }
 
@@ -273,7 +269,7 @@ def _damage(files: Any, root: Path, state: dict[str, Any], read_bytes: bool) -> 
         size = path.stat().st_size
         if size != meta.get("size"):
             return f"{path} has {size} bytes, recorded {meta.get('size')} (truncated or replaced)"
-        if read_bytes and _sha256(path) != meta.get("sha256"):
+        if read_bytes and sha256_file(path) != meta.get("sha256"):
             return f"{path}: sha256 differs from the recorded one (damaged or replaced)"
     return None
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from driver.checkpointing import Anchor, CheckpointError, LoadPlan
 from driver.engine_pool import EnginePool, EngineSpec
-from driver.stop_request import Stopped
+from driver.stop_request import Stopped, StopRequest
 from driver.train_config import TrainConfig
 from shared.protocol import LoadRequest, VLLMOptions
 
@@ -69,7 +69,7 @@ class EngineFleet:
         spec: how to start the engines (from the engine PEX).
         updates_since: the updates made since `anchor.updates` (the argument), oldest first: what a
             restarted engine replays.
-        stopping: whether a stop was requested (a restart is not begun then: `Stopped`).
+        stop: the run's stop request (once requested, no restart is begun: `Stopped`); None: never.
 
     Attributes:
         pool: the running actors (`driver.engine_pool.EnginePool`), None before `start`.
@@ -84,12 +84,12 @@ class EngineFleet:
         config: TrainConfig,
         spec: EngineSpec,
         updates_since: Callable[[int], list[Update]],
-        stopping: Callable[[], bool] = lambda: False,
+        stop: StopRequest | None = None,
     ) -> None:
         self.config = config
         self.spec = spec
         self.updates_since = updates_since
-        self.stopping = stopping
+        self.stop = stop
         self.pool: EnginePool | None = None
         self.anchor: Anchor | None = None
         self.fingerprint: str | None = None
@@ -157,7 +157,7 @@ class EngineFleet:
             Stopped: a stop was requested. EngineStartError: the actor could not be restarted.
             EngineSyncError: too many restarts.
         """
-        if self.stopping():
+        if self.stop is not None and self.stop.requested:
             raise Stopped
         self.restarts[index] += 1
         if self.restarts[index] > MAX_RESTARTS_PER_ENGINE:

@@ -12,12 +12,12 @@ after (for conciseness: the share of replies that still contain the reference an
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from shared.run_layout import RunDir, checkpoint_files, read_jsonl
+from shared.run_layout import RunDir, checkpoint_files, read_jsonl, write_bytes_atomic
 from shared.tasks import TaskError, load_task
 
 
@@ -88,13 +88,9 @@ def write_reward_plot(run_dir: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out = run.reward_plot
-        tmp = out.with_name(f".{out.name}.tmp")
-        with tmp.open("wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(out)
-        return out
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        write_bytes_atomic(run.reward_plot, png.getvalue())
+        return run.reward_plot
     finally:
         plt.close(fig)

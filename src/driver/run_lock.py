@@ -22,8 +22,6 @@ from filelock import FileLock, Timeout
 
 from shared.run_layout import DRIVER_HOLDER, DRIVER_LOCK, RunDirError, write_json_atomic
 
-LOCK_NAME, HOLDER_NAME = DRIVER_LOCK, DRIVER_HOLDER
-
 
 class RunLockedError(RunDirError):
     """Another driver holds the run directory's lock."""
@@ -42,8 +40,8 @@ class RunLock:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.path = self.root / LOCK_NAME
-        self.holder_path = self.root / HOLDER_NAME
+        self.path = self.root / DRIVER_LOCK
+        self.holder_path = self.root / DRIVER_HOLDER
         self._lock: FileLock | None = None
 
     def holder(self) -> dict | None:

@@ -83,7 +83,7 @@ class Trainer:
         self.on_member_done = on_member_done
         self.strategy = Strategy(config=config.strategy_config(), root_seed=config.seed)
         self.stop = StopRequest(config.stop_deadline)
-        self.fleet = EngineFleet(config, spec, self._updates_since, stopping=lambda: self.stop.requested)
+        self.fleet = EngineFleet(config, spec, self._updates_since, self.stop)
         self.scheduler = RolloutScheduler(self.fleet, self.stop)
         self.checkpoints = Checkpointer(
             self.run_dir, self.fleet, problems.digest(), config.keep_full, config.device_type

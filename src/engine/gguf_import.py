@@ -17,7 +17,7 @@ import argparse
 from importlib import metadata
 from pathlib import Path
 
-from engine.hf_backend import TORCH_DTYPES
+from engine.hf_backend import TORCH_DTYPES, torch_dtype
 from shared.protocol import PACKAGED_MODELS
 from shared.run_layout import atomic_dir
 
@@ -64,15 +64,14 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "bfloat16") 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    weights_dtype = torch_dtype(dtype)
     gguf, out = Path(gguf), Path(out_dir)
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {gguf} does not exist")
     if (out / "config.json").exists():
         return out
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=TORCH_DTYPES[dtype], low_cpu_mem_usage=True
+        str(gguf.parent), gguf_file=gguf.name, dtype=weights_dtype, low_cpu_mem_usage=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model carries a quantization config that save_pretrained refuses; the weights are

@@ -23,6 +23,17 @@ from shared.run_layout import CheckpointFiles, atomic_dir
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of `TORCH_DTYPES` named `name` ("float32", "bfloat16" or "float16").
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {name!r}")
+    return TORCH_DTYPES[name]
+
+
 def use_deterministic_kernels() -> None:
     """Makes this process's torch kernels deterministic: the same inputs give bit-identical outputs.
 
@@ -56,8 +67,7 @@ class HFGenerator:
     """
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
-        if dtype not in TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+        weights_dtype = torch_dtype(dtype)
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -66,7 +76,7 @@ class HFGenerator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=TORCH_DTYPES[dtype], local_files_only=True
+            self.model_dir, dtype=weights_dtype, local_files_only=True
         ).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)

@@ -24,10 +24,9 @@ def write_model_dir(source_dir: str | Path, tensors: dict[str, Any], dtype: str,
     import torch
     from safetensors.torch import save_file
 
-    from engine.hf_backend import TORCH_DTYPES
+    from engine.hf_backend import torch_dtype
 
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+    weights_dtype = torch_dtype(dtype)
     source, out = Path(source_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {p for pattern in _WEIGHT_PATTERNS for p in source.glob(pattern)}
@@ -40,6 +39,6 @@ def write_model_dir(source_dir: str | Path, tensors: dict[str, Any], dtype: str,
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {name: torch.as_tensor(t).to(TORCH_DTYPES[dtype]).contiguous() for name, t in tensors.items()}
+    state = {name: torch.as_tensor(t).to(weights_dtype).contiguous() for name, t in tensors.items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

@@ -61,20 +61,25 @@ class RunDirError(RuntimeError):
     """The output directory is unusable: a run exists where a new one should start, or none to resume."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to `path` via a temporary file in the same directory (flushed to disk) and a rename,
-    so `path` always holds the old or the new text; the temporary file is removed on any error."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` via a temporary file in the same directory (flushed to disk) and a rename,
+    so `path` always holds the old or the new bytes; the temporary file is removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` atomically (`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: Path, data: Any, sort_keys: bool = True) -> None:
