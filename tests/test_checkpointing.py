@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from run_fixtures import make_base_model, write_checkpoint
 
 from driver import checkpointing, evaluate
 from driver.checkpointing import (
@@ -27,36 +28,7 @@ from shared.seeds import NOISE_VERSION
 
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
-    model = tmp_path / "base-model"
-    model.mkdir()
-    (model / "config.json").write_text('{"hidden_size": 8}\n')
-    (model / "model.safetensors").write_bytes(b"\0" * 64)
-    return model
-
-
-def write_checkpoint(run: RunDir, updates: int, kind: str, anchor: int, base: Path) -> Path:
-    """A checkpoint directory as the trainer writes it (a full one gets a model/ directory of two files,
-    whose sizes and digests es_state.json records)."""
-    history = [{"iteration": k, "update": [[100 + k, 0.5]], "reward_mean": 0.0} for k in range(updates)]
-    path = run.checkpoint_path(updates)
-    if kind == FULL:
-        (path / "model").mkdir(parents=True)
-        (path / "model" / "config.json").write_text('{"hidden_size": 8}\n')
-        (path / "model" / "model.safetensors").write_bytes(bytes(range(256)) * updates)
-    state = es_state(
-        kind=kind,
-        updates=updates,
-        anchor=anchor,
-        fingerprint=f"fp{updates}",
-        strategy={"config": {}, "root_seed": 0, "iteration": updates, "history": history},
-        problems_digest="d",
-        has_master=False,
-        base_model={"path": str(base), "digest": model_digest(base)},
-        device="cpu",
-        files=weight_files(path) if kind == FULL else None,
-    )
-    write_json_atomic(path / "es_state.json", state)
-    return path
+    return make_base_model(tmp_path / "base-model")
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ checkpoint that cannot be replayed here, an empty held-out split).
 
 from __future__ import annotations
 
+import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from driver.checkpointing import Anchor, CheckpointError, LoadPlan, is_full, load_plan, verify
 from driver.config_sources import build_parser, config_from_args
@@ -25,7 +28,7 @@ from driver.engine_fleet import EngineSyncError
 from driver.engine_pool import EngineStartError
 from driver.engine_preflight import EnginePreflightError
 from driver.held_out import evaluate_model
-from driver.task_data import load_problems
+from driver.task_data import Problems, load_problems
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, plot_run, prepare_engines
 from driver.train_config import ConfigError, TrainConfig
 from shared.run_layout import (
@@ -72,6 +75,47 @@ def locate(path: Path) -> tuple[LoadPlan | dict, RunDir | None, dict | None]:
     )
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` scores: the config (the run's saved one with the options given merged in), how to
+    load the weights, the held-out problems, and the run the checkpoint belongs to (None for a model
+    directory or a checkpoint outside its run) with its saved config."""
+
+    config: TrainConfig
+    plan: LoadPlan
+    problems: Problems
+    run: RunDir | None
+    saved: dict[str, Any] | None
+
+
+def prepare(checkpoint: Path, args: argparse.Namespace) -> Evaluation:
+    """Resolves CHECKPOINT and the options into an `Evaluation` (see the module docstring), before any
+    engine starts.
+
+    Raises:
+        ConfigError: invalid options (of the merged config), an unusable CHECKPOINT, no
+            held-out problems. DatasetError: a bad dataset file. CheckpointError: a checkpoint that
+            does not verify or cannot be replayed here. RunDirError: an unreadable run directory.
+    """
+    plan, run, saved = locate(checkpoint)
+    given_config, given = config_from_args(args)
+    values = dict(saved or {})
+    values.update({name: getattr(given_config, name) for name in given})
+    compact = isinstance(plan, dict)
+    model_dir = (saved or {}).get("model_dir") if compact else plan.anchor.model_dir
+    values.update(model_dir=model_dir or str(run.base_model), resume=False, output_dir=str(checkpoint))
+    config = TrainConfig(**values)
+    if compact:
+        plan = load_plan(run, plan["updates"], plan, config.device_type)
+    problems = load_problems(config)
+    if not problems.eval:
+        raise ConfigError(
+            f"--eval-size: {config.eval_size} leaves no held-out problems to evaluate; pass "
+            "--eval-size N with N > 0"
+        )
+    return Evaluation(config, plan, problems, run, saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns the exit status (see the module docstring)."""
     parser = build_parser(prog="evaluate", description=__doc__.split("\n\n")[1])
@@ -80,25 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint.absolute()
     del args.checkpoint
     try:
-        plan, run, saved = locate(checkpoint)
-        given_config, given = config_from_args(args)
-        values = dict(saved or {})
-        values.update({name: getattr(given_config, name) for name in given})
-        compact = isinstance(plan, dict)
-        model_dir = (saved or {}).get("model_dir") if compact else plan.anchor.model_dir
-        values.update(model_dir=model_dir or str(run.base_model), resume=False, output_dir=str(checkpoint))
-        config = TrainConfig(**values)
-        if compact:
-            plan = load_plan(run, plan["updates"], plan, config.device_type)
-        problems = load_problems(config)
-        if not problems.eval:
-            raise ConfigError(
-                f"--eval-size: {config.eval_size} leaves no held-out problems to evaluate; pass "
-                "--eval-size N with N > 0"
-            )
+        evaluation = prepare(checkpoint, args)
     except (ConfigError, DatasetError, CheckpointError, RunDirError, OSError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return EXIT_INVALID
+    config, plan, problems = evaluation.config, evaluation.plan, evaluation.problems
+    run, saved = evaluation.run, evaluation.saved
     try:
         spec = prepare_engines(config)
     except (EngineBuildError, EnginePreflightError) as e:
