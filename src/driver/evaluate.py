@@ -102,8 +102,13 @@ def prepare(checkpoint: Path, args: argparse.Namespace) -> Evaluation:
     values = dict(saved or {})
     values.update({name: getattr(given_config, name) for name in given})
     compact = isinstance(plan, dict)
-    model_dir = (saved or {}).get("model_dir") if compact else plan.anchor.model_dir
-    values.update(model_dir=model_dir or str(run.base_model), resume=False, output_dir=str(checkpoint))
+    # The weights come from `plan`. The config names the model for what depends on it (the engine PEX:
+    # a packaged --model ships in the CPU engine), so a run's packaged model stays named; otherwise it
+    # names the directory evaluated (a compact checkpoint's: the run's base model).
+    if values.get("model") is None:
+        model_dir = values.get("model_dir") if compact else plan.anchor.model_dir
+        values["model_dir"] = model_dir or str(run.base_model)
+    values.update(resume=False, output_dir=str(checkpoint))
     config = TrainConfig(**values)
     if compact:
         plan = load_plan(run, plan["updates"], plan, config.device_type)

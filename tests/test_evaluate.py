@@ -1,0 +1,53 @@
+"""What `evaluate` scores, resolved before any engine starts (`driver.evaluate.prepare`). The engines'
+side (loading, replaying, scoring) is tested end to end in test_train.py and test_train_vllm_cpu.py."""
+
+from __future__ import annotations
+
+import pytest
+from run_fixtures import make_base_model, write_checkpoint
+
+from driver.config_sources import build_parser
+from driver.evaluate import prepare
+from driver.train_config import TrainConfig
+from shared.run_layout import COMPACT, FULL, RunDir, write_json_atomic
+
+
+def options(*argv: str):
+    return build_parser(prog="evaluate").parse_args(list(argv))
+
+
+@pytest.fixture
+def packaged_model_run(tmp_path) -> RunDir:
+    """A conciseness run of the packaged SmolLM2 (`--model`, its base model imported into the run): the
+    config it saved, a full checkpoint after 2 updates and a compact one after 3."""
+    run = RunDir(tmp_path / "run")
+    base = make_base_model(tmp_path / "run" / "base-model")
+    config = TrainConfig(
+        model="smollm2-135m-instruct",
+        backend="vllm",
+        task="conciseness",
+        train_size=16,
+        eval_size=8,
+        prompts_per_member=4,
+        batch_size=3,
+        output_dir=str(run.root),
+    )
+    write_json_atomic(run.config, config.to_dict())
+    write_checkpoint(run, 2, FULL, 2, base)
+    write_checkpoint(run, 3, COMPACT, 2, base)
+    return run
+
+
+@pytest.mark.parametrize("updates", [2, 3])
+def test_a_checkpoint_of_a_packaged_model_run_is_evaluated_with_the_runs_settings(packaged_model_run, updates):
+    """Before: "--model: give either --model or --model-dir, not both" for every such checkpoint."""
+    checkpoint = packaged_model_run.checkpoint_path(updates)
+    evaluation = prepare(checkpoint, options())
+    config = evaluation.config
+    assert config.model == "smollm2-135m-instruct" and config.model_dir is None
+    assert config.engine_target == "src/engine:engine-cpu"  # the engine that ships the model
+    assert config.task == "conciseness" and config.chat_template is True
+    assert evaluation.plan.anchor.model_dir == str(packaged_model_run.checkpoint_path(2) / "model")
+    assert len(evaluation.problems.eval) == 8 and evaluation.saved["task"] == "conciseness"
+    if updates == 3:  # compact: its last update replayed onto the full checkpoint after 2
+        assert [len(u) for u in evaluation.plan.updates] == [1]
