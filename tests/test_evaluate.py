@@ -3,17 +3,27 @@ side (loading, replaying, scoring) is tested end to end in test_train.py and tes
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from run_fixtures import make_base_model, write_checkpoint
 
 from driver.config_sources import build_parser
 from driver.evaluate import prepare
-from driver.train_config import TrainConfig
+from driver.train_config import ConfigError, TrainConfig
 from shared.run_layout import COMPACT, FULL, RunDir, write_json_atomic
 
 
 def options(*argv: str):
     return build_parser(prog="evaluate").parse_args(list(argv))
+
+
+def questions(path: Path, rows: int) -> Path:
+    """A conciseness JSONL file of `rows` questions."""
+    lines = [json.dumps({"question": f"What is {i} plus 1?", "answer": str(i + 1)}) for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @pytest.fixture
@@ -51,3 +61,19 @@ def test_a_checkpoint_of_a_packaged_model_run_is_evaluated_with_the_runs_setting
     assert len(evaluation.problems.eval) == 8 and evaluation.saved["task"] == "conciseness"
     if updates == 3:  # compact: its last update replayed onto the full checkpoint after 2
         assert [len(u) for u in evaluation.plan.updates] == [1]
+
+
+def test_options_are_checked_after_merging_with_the_runs_config(packaged_model_run, tmp_path):
+    """`--dataset-path OTHER.jsonl` of a conciseness run: before, it was checked against the command
+    line's default task (Countdown) and refused ("--dataset-path: only with --dataset reference or
+    hf")."""
+    other = questions(tmp_path / "other.jsonl", 40)
+    checkpoint = packaged_model_run.checkpoint_path(2)
+    held = prepare(checkpoint, options("--dataset-path", str(other), "--eval-size", "12"))
+    assert held.config.task == "conciseness" and held.config.dataset_path == str(other)
+    assert len(held.problems.eval) == 12 and {p.answer for p in held.problems.eval} <= {
+        str(i + 1) for i in range(40)
+    }
+    # A merged value that is invalid together with the run's settings is still refused, naming it.
+    with pytest.raises(ConfigError, match="--dataset: reference is a Countdown source"):
+        prepare(checkpoint, options("--dataset", "reference", "--dataset-path", str(other)))

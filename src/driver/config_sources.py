@@ -122,6 +122,22 @@ def build_parser(prog: str = "train", description: str | None = None) -> argpars
     return parser
 
 
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given in the --config file and on the command line (which wins), {field: value}, each
+    checked against its field alone: the checks across fields wait until they are merged with whatever
+    else supplies the rest (the defaults in `config_from_args`, a run's saved config in `evaluate`).
+
+    Raises:
+        ConfigError: see `load_config_file`.
+    """
+    given = vars(args).copy()
+    values = load_config_file(given.pop("config")) if "config" in given else {}
+    if "engine_resources" in given:
+        given["engine_resources"] = dict(given["engine_resources"])
+    values.update(given)
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     """Merges defaults, the --config file and the given options; returns (config, names given on the
     command line or in the file).
@@ -129,11 +145,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
     Raises:
         ConfigError: see `load_config_file` and `TrainConfig`.
     """
-    given = vars(args).copy()
-    values = load_config_file(given.pop("config")) if "config" in given else {}
-    if "engine_resources" in given:
-        given["engine_resources"] = dict(given["engine_resources"])
-    values.update(given)
+    values = given_values(args)
     return TrainConfig(**values), set(values)
 
 

@@ -4,7 +4,8 @@ CHECKPOINT is a checkpoint directory of a run (OUTPUT_DIR/checkpoints/iter-NNNNN
 loaded by replaying its updates, see driver.checkpointing) or any Hugging Face model directory. For a
 checkpoint, the run's config.json supplies the task, the dataset, the held-out split and the generation
 settings, so the figure is comparable with the run's own eval rows; the options (the same as `train`'s,
-`--task` and `--dataset-path` among them) override them, so any checkpoint can be scored on any split.
+`--task` and `--dataset-path` among them) override them, merged with the saved config before they are
+checked together, so any checkpoint can be scored on any split.
 The result is printed and, for a checkpoint, written to CHECKPOINT/eval.json; for a checkpoint of a run,
 the run's reward curve (OUTPUT_DIR/reward.png, `driver.reward_plot`) is redrawn with it.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from driver.checkpointing import Anchor, CheckpointError, LoadPlan, is_full, load_plan, verify
-from driver.config_sources import build_parser, config_from_args
+from driver.config_sources import build_parser, given_values
 from driver.datafiles import DatasetError
 from driver.engine_build import EngineBuildError
 from driver.engine_fleet import EngineSyncError
@@ -98,9 +99,9 @@ def prepare(checkpoint: Path, args: argparse.Namespace) -> Evaluation:
             does not verify or cannot be replayed here. RunDirError: an unreadable run directory.
     """
     plan, run, saved = locate(checkpoint)
-    given_config, given = config_from_args(args)
+    given = given_values(args)
     values = dict(saved or {})
-    values.update({name: getattr(given_config, name) for name in given})
+    values.update(given)
     compact = isinstance(plan, dict)
     # The weights come from `plan`. The config names the model for what depends on it (the engine PEX:
     # a packaged --model ships in the CPU engine), so a run's packaged model stays named; otherwise it
