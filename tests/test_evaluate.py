@@ -11,6 +11,7 @@ from run_fixtures import make_base_model, write_checkpoint
 
 from driver.config_sources import build_parser
 from driver.evaluate import prepare
+from driver.task_data import load_problems
 from driver.train_config import ConfigError, TrainConfig
 from shared.run_layout import COMPACT, FULL, RunDir, write_json_atomic
 
@@ -69,6 +70,8 @@ def test_options_are_checked_after_merging_with_the_runs_config(packaged_model_r
     hf")."""
     other = questions(tmp_path / "other.jsonl", 40)
     checkpoint = packaged_model_run.checkpoint_path(2)
+    whole = prepare(checkpoint, options("--dataset-path", str(other)))  # without --eval-size: every row
+    assert [p.id for p in whole.problems.eval] == list(range(40)) and whole.problems.train == []
     held = prepare(checkpoint, options("--dataset-path", str(other), "--eval-size", "12"))
     assert held.config.task == "conciseness" and held.config.dataset_path == str(other)
     assert len(held.problems.eval) == 12 and {p.answer for p in held.problems.eval} <= {
@@ -77,3 +80,20 @@ def test_options_are_checked_after_merging_with_the_runs_config(packaged_model_r
     # A merged value that is invalid together with the run's settings is still refused, naming it.
     with pytest.raises(ConfigError, match="--dataset: reference is a Countdown source"):
         prepare(checkpoint, options("--dataset", "reference", "--dataset-path", str(other)))
+
+
+def test_a_model_directory_is_scored_without_training_problems(tmp_path):
+    """Before: "--prompts-per-member: 16 exceeds the 8 training problems left after holding out
+    --eval-size 32"; an evaluation needs no training split."""
+    model = make_base_model(tmp_path / "model")
+    data = questions(tmp_path / "questions.jsonl", 40)
+    evaluation = prepare(
+        model, options("--task", "conciseness", "--dataset-path", str(data), "--eval-size", "32")
+    )
+    assert len(evaluation.problems.eval) == 32 and evaluation.config.model_dir == str(model)
+    assert evaluation.run is None and evaluation.saved is None
+    # The same 32 a run with that seed holds out.
+    run_split = load_problems(evaluation.config.model_copy(update={"prompts_per_member": 8}))
+    assert evaluation.problems.eval == run_split.eval
+    whole = prepare(model, options("--task", "conciseness", "--dataset-path", str(data)))
+    assert len(whole.problems.eval) == 40

@@ -5,7 +5,9 @@ loaded by replaying its updates, see driver.checkpointing) or any Hugging Face m
 checkpoint, the run's config.json supplies the task, the dataset, the held-out split and the generation
 settings, so the figure is comparable with the run's own eval rows; the options (the same as `train`'s,
 `--task` and `--dataset-path` among them) override them, merged with the saved config before they are
-checked together, so any checkpoint can be scored on any split.
+checked together, so any checkpoint can be scored on any split. `--dataset-path FILE` without
+`--eval-size` scores every row of FILE; with `--eval-size N`, the N rows a run with that seed holds out.
+An evaluation needs no training problems.
 The result is printed and, for a checkpoint, written to CHECKPOINT/eval.json; for a checkpoint of a run,
 the run's reward curve (OUTPUT_DIR/reward.png, `driver.reward_plot`) is redrawn with it.
 
@@ -29,7 +31,7 @@ from driver.engine_fleet import EngineSyncError
 from driver.engine_pool import EngineStartError
 from driver.engine_preflight import EnginePreflightError
 from driver.held_out import evaluate_model
-from driver.task_data import Problems, load_problems
+from driver.task_data import Problems, load_dataset, load_problems
 from driver.train import EXIT_FAILED, EXIT_INVALID, EXIT_OK, init_ray, plot_run, prepare_engines
 from driver.train_config import ConfigError, TrainConfig
 from shared.run_layout import (
@@ -113,7 +115,11 @@ def prepare(checkpoint: Path, args: argparse.Namespace) -> Evaluation:
     config = TrainConfig(**values)
     if compact:
         plan = load_plan(run, plan["updates"], plan, config.device_type)
-    problems = load_problems(config)
+    if "dataset_path" in given and "eval_size" not in given:
+        task, rows = load_dataset(config)
+        problems = Problems(train=[], eval=rows, task=task)
+    else:
+        problems = load_problems(config, training=False)
     if not problems.eval:
         raise ConfigError(
             f"--eval-size: {config.eval_size} leaves no held-out problems to evaluate; pass "

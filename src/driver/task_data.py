@@ -61,26 +61,42 @@ def _task_problems(task: Task, config: TrainConfig) -> list[Any]:
         raise DatasetError(str(e)) from e
 
 
-def load_problems(config: TrainConfig) -> Problems:
-    """The configured task's dataset, split into train and eval (`countdown_data.split`, seeded by
-    config.seed).
+def load_dataset(config: TrainConfig) -> tuple[Task, list[Any]]:
+    """The configured task and every problem of its dataset (file rows in order, or generated:
+    --train-size + --eval-size of them), before any split.
 
     Raises:
         DatasetError: the dataset file is missing or malformed (naming file, row and field).
-        ConfigError: the split leaves fewer training problems than --prompts-per-member; a task without
-            default data and no --dataset-path.
+        ConfigError: a task without default data and no --dataset-path.
         shared.tasks.TaskError: --task cannot be loaded.
     """
     task = load_task(config.task)
     if config.dataset_path is not None and not Path(config.dataset_path).is_file():
         raise DatasetError(f"--dataset-path: {config.dataset_path}: no such file")
     if task.name != CountdownTask.name:
-        problems = _task_problems(task, config)
-    elif config.dataset == "generated":
-        problems = generate(config.train_size + config.eval_size, seed=config.seed)
-    else:
-        path = Path(config.dataset_path)
-        problems = load_reference(path) if config.dataset == "reference" else load_hf(path)
+        return task, _task_problems(task, config)
+    if config.dataset == "generated":
+        return task, generate(config.train_size + config.eval_size, seed=config.seed)
+    path = Path(config.dataset_path)
+    return task, load_reference(path) if config.dataset == "reference" else load_hf(path)
+
+
+def load_problems(config: TrainConfig, training: bool = True) -> Problems:
+    """The configured task's dataset (`load_dataset`), split into train and eval
+    (`countdown_data.split`, seeded by config.seed: the same --eval-size problems are held out whether
+    or not a run trains on the rest).
+
+    Args:
+        training: the split must leave --prompts-per-member training problems (False for an
+            evaluation, which needs none).
+
+    Raises:
+        DatasetError: the dataset file is missing or malformed (naming file, row and field).
+        ConfigError: --eval-size exceeds the dataset; with `training`, the split leaves fewer training
+            problems than --prompts-per-member; a task without default data and no --dataset-path.
+        shared.tasks.TaskError: --task cannot be loaded.
+    """
+    task, problems = load_dataset(config)
     if config.eval_size > len(problems):
         raise ConfigError(
             f"--eval-size: {config.eval_size} exceeds the {len(problems)} problems of the dataset"
@@ -89,7 +105,7 @@ def load_problems(config: TrainConfig) -> Problems:
         train, held_out = split(problems, config.eval_size, seed=config.seed)
     except ValueError as e:
         raise DatasetError(f"{config.dataset_path or 'generated data'}: {e}") from e
-    if len(train) < config.prompts_per_member:
+    if training and len(train) < config.prompts_per_member:
         raise ConfigError(
             f"--prompts-per-member: {config.prompts_per_member} exceeds the {len(train)} training problems "
             f"left after holding out --eval-size {config.eval_size}"
