@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from run_fixtures import make_base_model, write_checkpoint
 
+from driver import held_out
 from driver.config_sources import build_parser
 from driver.evaluate import prepare
 from driver.task_data import load_problems
@@ -97,3 +98,32 @@ def test_a_model_directory_is_scored_without_training_problems(tmp_path):
     assert evaluation.problems.eval == run_split.eval
     whole = prepare(model, options("--task", "conciseness", "--dataset-path", str(data)))
     assert len(whole.problems.eval) == 40
+
+
+class Recorded(Exception):
+    """Raised by `RecordingScheduler.map` once it has recorded the tasks."""
+
+
+class RecordingScheduler:
+    """Stands in for `driver.rollout_scheduler.RolloutScheduler`: records the (problems, request) tasks."""
+
+    def __init__(self) -> None:
+        self.tasks: list = []
+
+    def map(self, tasks, on_done, finish_on_stop=False):
+        self.tasks = list(tasks)
+        raise Recorded
+
+
+def test_held_out_rollouts_use_the_runs_batch_size_and_settings(packaged_model_run):
+    """Before: held-out evaluation built its own request without `batch_size` (always 16 on the
+    transformers backend); now training and evaluation take theirs from `TrainConfig.rollout_request`."""
+    evaluation = prepare(packaged_model_run.checkpoint_path(2), options())
+    scheduler = RecordingScheduler()
+    with pytest.raises(Recorded):
+        held_out.evaluate(scheduler, evaluation.config, evaluation.problems)
+    assert [len(problems) for problems, _ in scheduler.tasks] == [3, 3, 2]  # 8 problems, batches of 3
+    for _, request in scheduler.tasks:
+        assert request == evaluation.config.rollout_request()
+        assert request.batch_size == 3 and request.member is None and request.task == "conciseness"
+        assert request.chat_template is True

@@ -16,7 +16,6 @@ from driver.engine_pool import EngineSpec
 from driver.rollout_scheduler import RolloutScheduler
 from driver.task_data import Problems
 from driver.train_config import TrainConfig
-from shared.protocol import RolloutRequest
 from shared.tasks import mean_components
 
 
@@ -36,12 +35,7 @@ def evaluate(scheduler: RolloutScheduler, config: TrainConfig, problems: Problem
     if not held_out:
         return {"problems": 0}
     size = config.batch_size
-    request = RolloutRequest(
-        max_new_tokens=config.max_new_tokens,
-        task=config.task,
-        chat_template=config.chat_template,
-        num_samples=1,
-    )
+    request = config.rollout_request()
     tasks = [(held_out[i : i + size], request) for i in range(0, len(held_out), size)]
     with tqdm(total=len(tasks), desc="eval", leave=False, disable=not config.progress) as bar:
         results = scheduler.map(tasks, lambda task, engine: bar.update(1))

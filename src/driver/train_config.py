@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from driver.engine_options import EngineOptions
 from driver.options import ConfigError, option
 from driver.strategy import SHAPINGS, StrategyConfig
+from shared.protocol import RolloutRequest
 from shared.tasks import TASKS, CountdownTask, TaskError, load_task
 
 __all__ = ["ConfigError", "FIELDS", "RESUMABLE_OVERRIDES", "TrainConfig"]
@@ -211,6 +212,18 @@ class TrainConfig(EngineOptions):
             alpha=self.alpha,
             shaping=self.shaping,
             antithetic=self.antithetic,
+        )
+
+    def rollout_request(self, num_samples: int = 1) -> RolloutRequest:
+        """The unperturbed request of this run's rollouts (task, prompt rendering, completion length,
+        generation batch size), returning `num_samples` samples: training sets each member on it,
+        held-out evaluation uses it as it is. The one place a RolloutRequest is built from the config."""
+        return RolloutRequest(
+            max_new_tokens=self.max_new_tokens,
+            task=self.task,
+            chat_template=self.chat_template,
+            batch_size=self.batch_size,
+            num_samples=num_samples,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from driver.stop_request import Stopped, StopRequest
 from driver.strategy import Strategy
 from driver.task_data import Problems, prompt_batch
 from driver.train_config import TrainConfig
-from shared.protocol import REPORTED_DISTRIBUTIONS, REPORTED_MODULES, Member, RolloutRequest
+from shared.protocol import REPORTED_DISTRIBUTIONS, REPORTED_MODULES, Member
 from shared.run_layout import RunDir, write_json_atomic
 from shared.tasks import mean_components
 
@@ -109,13 +109,7 @@ class Trainer:
         k = self.strategy.iteration
         members = self.strategy.ask()
         batch = ray.put(prompt_batch(self.problems.train, config.seed, k, config.prompts_per_member))
-        request = RolloutRequest(
-            max_new_tokens=config.max_new_tokens,
-            task=config.task,
-            chat_template=config.chat_template,
-            batch_size=config.batch_size,
-            num_samples=1,
-        )
+        request = config.rollout_request()
         tasks = [(batch, replace(request, member=Member(m.seed, m.sign, config.sigma))) for m in members]
         started = time.perf_counter()
 
