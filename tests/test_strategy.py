@@ -36,6 +36,8 @@ def test_zscore_shaping_closed_form():
     mean, std = 3.0, np.sqrt(((r - 3.0) ** 2).mean())
     np.testing.assert_allclose(shape(r, "zscore"), (r - mean) / (std + 1e-8))
     assert np.all(shape(np.full(5, 0.7), "zscore") == 0.0)  # no signal, no update
+    # ... exactly, also where the mean rounds (0.1 * 3 / 3 != 0.1 in binary: -1.4e-9 each before).
+    assert np.all(shape(np.full(3, 0.1), "zscore") == 0.0)
 
 
 def test_centered_rank_shaping_closed_form():

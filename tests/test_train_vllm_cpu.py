@@ -13,12 +13,18 @@ from pathlib import Path
 import pytest
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 from locked import locked
-from train_scenarios import ctrl_c_then_resume, killed_engine_restarts, uninterrupted_run
+from train_scenarios import (
+    assert_weights_follow_the_updates,
+    ctrl_c_then_resume,
+    killed_engine_restarts,
+    uninterrupted_run,
+)
 
-from driver import train
+from driver import evaluate, train
 from shared.run_layout import read_jsonl
 
 ENGINE_PEX = Path("src.engine/engine-cpu.pex")
+HANDWRITTEN = Path("tests/data/conciseness-handwritten.jsonl")
 PEX_ROOT = ENGINE_PEX_ROOT
 ITERATIONS = 3
 COMMON = [
@@ -56,8 +62,7 @@ def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(referen
     assert [r["updates"] for r in rows if r["kind"] == "eval"] == [0, 2, 3]
     for row in train_rows:
         assert math.isfinite(row["reward_mean"]) and row["tokens"] > 0
-    assert any(r["reward_std"] > 0 for r in train_rows)
-    assert len({r["fingerprint"] for r in train_rows}) == ITERATIONS
+    assert_weights_follow_the_updates(out)
 
     (session,) = json.loads((out / "manifest.json").read_text())["sessions"]
     assert len(session["engines"]) == 2
@@ -120,3 +125,13 @@ def test_smollm2_conciseness_run_reports_the_task_components(ray_cluster, tmp_pa
         assert 0 <= row["contains_answer"] <= 1 and row["accuracy"] == row["contains_answer"]
     samples = read_jsonl(out / "samples.jsonl")
     assert samples and all("<|im_start|>" not in s["completion"] for s in samples)
+
+    # The README's `evaluate` of this packaged-model run's checkpoint, on a file of the task other than
+    # the run's: the run's model, task and engine, every row of the file scored.
+    checkpoint = out / "checkpoints" / "iter-000002"
+    status = evaluate.main([str(checkpoint), "--dataset-path", str(HANDWRITTEN), "--no-progress"])
+    assert status == train.EXIT_OK
+    result = json.loads((checkpoint / "eval.json").read_text())
+    assert result["problems"] == len(HANDWRITTEN.read_text().splitlines())
+    assert result["fingerprint"] == rows[-2]["fingerprint"]  # the weights after the run's 2 updates
+    assert result["reward_mean"] == -result["length_diff"]

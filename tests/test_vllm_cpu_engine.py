@@ -80,7 +80,9 @@ def test_vllm_engine_matches_the_transformers_backend_bit_for_bit(pool, tiny_mod
     before = _call(pool, 0, "fingerprint")
 
     # A member's evaluation perturbs, generates and restores inside vLLM's worker: the rollouts change,
-    # and the weights come back bit for bit.
+    # and the weights come back bit for bit. At sigma 0.05, 2.5x the tiny model's weight scale (init std
+    # 0.02), some greedy completion changes whatever the CPU's kernels; at 0.01 that is a property of the
+    # numbers (on an AVX2-only CPU 0.01 changed none of 4 completions in bench:vllm_check).
     plain = _evaluate(pool, 0, 16)
     member = _evaluate(pool, 0, 16, Member(seed=11, sigma=0.05))
     assert [s.completion for s in member.samples] != [s.completion for s in plain.samples]

@@ -26,6 +26,34 @@ def assert_same_metrics(run: Path, reference: Path) -> None:
     assert without_timings(read_jsonl(run / "metrics.jsonl")) == expected
 
 
+def assert_weights_follow_the_updates(out: Path) -> None:
+    """What the code guarantees of a run in `out` (one session, ended on a full checkpoint) on every CPU,
+    whichever rewards that CPU's kernels produce: an iteration whose members' rewards all tie has an
+    all-zero update and leaves the weights' fingerprint as it was; an iteration with a non-zero update
+    coefficient changes it. The update coefficients are the final checkpoint's history, the fingerprints
+    the metrics rows and the manifest's session start.
+
+    The run must also have had some signal (an iteration whose rewards differ): with the tests' sigma
+    (0.01) and populations that holds on AVX-512 and AVX2 kernels alike (CI also runs one end-to-end test
+    with the kernels forced to AVX2); if it fails, the test's settings need a larger sigma, not the code
+    a change."""
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    (session,) = json.loads((out / "manifest.json").read_text())["sessions"]
+    assert session["start"]["updates"] == 0
+    final = sorted((out / "checkpoints").iterdir())[-1]
+    history = json.loads((final / "es_state.json").read_text())["strategy"]["history"]
+    assert [h["iteration"] for h in history] == [r["iteration"] for r in rows]
+    assert any(r["reward_max"] > r["reward_min"] for r in rows), "no iteration had a learning signal"
+    before = session["start"]["fingerprint"]
+    for row, record in zip(rows, history, strict=True):
+        coefficients = [c for _, c in record["update"]]
+        if row["reward_max"] == row["reward_min"]:
+            assert all(c == 0.0 for c in coefficients), (row["iteration"], coefficients)
+        moved = row["fingerprint"] != before
+        assert moved == any(c != 0.0 for c in coefficients), (row["iteration"], coefficients, before)
+        before = row["fingerprint"]
+
+
 def checkpoint_kinds(out: Path) -> dict[str, str]:
     """Checkpoint directory name -> its es_state.json "kind", for every entry under checkpoints/ (a
     leftover temporary directory would show as a name without es_state.json and fail the read)."""

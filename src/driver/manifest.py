@@ -4,7 +4,8 @@ One session entry per start (a resumed run adds one): the git revision (and whet
 sha256 of the lockfiles found under 3rdparty/python/, the engine PEX's identity, the Python, Ray and
 package versions seen in the driver and inside every engine actor, and what every engine computes on
 (CPU model and instruction-set flags, torch's CPU kernel capability, thread counts, device), which decides
-whether two runs can be bit-identical, and the noise version (`shared.seeds.NOISE_VERSION`).
+whether two runs can be bit-identical, the noise version (`shared.seeds.NOISE_VERSION`), and where the
+session's weights started (`start`: the updates already applied and the weights' fingerprint).
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ def session_entry(
     engine_reports: list[dict[str, Any]],
     engine_modules: list[dict[str, Any]],
     engine_machines: list[dict[str, Any]],
+    start: dict[str, Any],
 ) -> dict[str, Any]:
     """One session of the manifest (see the module docstring). `engine_reports` are the pool's
     readiness reports, `engine_modules` each engine's `module_versions()`, `engine_machines` each
-    engine's `LoadResult.machine` (CPU model and flags, torch's CPU kernels and threads, device)."""
+    engine's `LoadResult.machine` (CPU model and flags, torch's CPU kernels and threads, device);
+    `start` is where the session's weights began: {"updates": int, "fingerprint": hex str}."""
     cwd = Path.cwd()
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -96,6 +99,7 @@ def session_entry(
         "lockfiles": lockfile_hashes(cwd),
         "engine_pex": engine_pex_identity(pex),
         "noise_version": NOISE_VERSION,
+        "start": start,
         "driver": {
             "python": platform.python_version(),
             "executable": sys.executable,

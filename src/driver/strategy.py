@@ -69,11 +69,15 @@ class StrategyConfig:
 def shape(rewards: np.ndarray, method: str) -> np.ndarray:
     """Fitness shaping of a population's rewards (float64 array of shape (N,)) -> shaped (N,) float64.
 
-    zscore: (r - mean) / (std + 1e-8) with the population std (ddof=0), as the paper's z-scoring.
+    zscore: (r - mean) / (std + 1e-8) with the population std (ddof=0), as the paper's z-scoring; all
+        zeros when every reward is equal (exactly: float rounding in the mean would otherwise leave
+        residues of ~1e-10 that move the weights by an amount that depends on the CPU's arithmetic).
     centered_rank: rank / (N - 1) - 0.5 (ties get distinct ranks in index order); all zeros for N == 1.
     """
     r = np.asarray(rewards, dtype=np.float64)
     if method == "zscore":
+        if r.size and r.min() == r.max():
+            return np.zeros(r.size)
         return (r - r.mean()) / (r.std() + 1e-8)
     if method == "centered_rank":
         if r.size == 1:

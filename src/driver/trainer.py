@@ -205,7 +205,14 @@ class Trainer:
         modules = ray.get([h.module_versions.remote(REPORTED_MODULES) for h in fleet.handles])
         append_session(
             run_dir.manifest,
-            session_entry(self.argv, fleet.spec.pex, fleet.pool.reports, modules, fleet.machines),
+            session_entry(
+                self.argv,
+                fleet.spec.pex,
+                fleet.pool.reports,
+                modules,
+                fleet.machines,
+                {"updates": self.strategy.iteration, "fingerprint": fleet.fingerprint},
+            ),
         )
         # A resumed run without a checkpoint starts over; one with a checkpoint drops what came after it.
         self.log.open(self.checkpoints.saved_updates)

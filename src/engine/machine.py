@@ -14,6 +14,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
+# Environment variables that cap the instruction set of the CPU kernels: torch's ATen, oneDNN (torch's and
+# vLLM's CPU matmuls) and XLA's CPU backend (JAX). Forcing them to AVX2 on an AVX-512 machine reproduces an
+# AVX2-only machine's numerics (docs/training.md, "What is reproducible").
+KERNEL_ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "XLA_FLAGS")
+
 # Instruction-set flag prefixes that select different CPU kernels (from /proc/cpuinfo "flags").
 _ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "bmi", "vnni")
 
@@ -39,7 +44,8 @@ def cpu_info() -> dict[str, Any]:
 def machine_report(device: str) -> dict[str, Any]:
     """This process's compute environment for an engine on `device` ("cpu", "cuda", "cuda:1", ...):
     {"cpu": `cpu_info()`, "cpu_count": logical CPUs usable, "torch": {"version", "cpu_capability",
-    "threads", "interop_threads"}, "device": `device`, "gpus": the names of the CUDA devices visible}."""
+    "threads", "interop_threads"}, "kernel_env": the `KERNEL_ISA_ENV` variables that are set, "device":
+    `device`, "gpus": the names of the CUDA devices visible}."""
     import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -52,6 +58,7 @@ def machine_report(device: str) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
         },
+        "kernel_env": {name: os.environ[name] for name in KERNEL_ISA_ENV if name in os.environ},
         "device": device,
         "gpus": gpus,
     }

@@ -103,6 +103,8 @@ def test_tasks_through_the_engine(tmp_path):
             max_new_tokens=12, task="conciseness", member=Member(seed=5, sigma=0.05), num_samples=6
         ),
     )
+    # sigma 0.05 is 2.5x the tiny model's weight scale (init std 0.02): some greedy completion changes on
+    # any CPU's kernels (a smaller sigma may flip none on one CPU kind and some on another).
     assert [s.completion for s in perturbed.samples] != [s.completion for s in base.samples]
     assert engine.fingerprint() == loaded.fingerprint
     # The tiny model's tokenizer has no chat template: a clear error, not a silent raw prompt.

@@ -198,6 +198,8 @@ def test_perturb_restore_update_in_the_runner_without_compiling_again(backend):
         updated = backend.fingerprint()
         assert backend.llm.collective_rpc("es_device_memory") == memory
     assert perturbed not in (before, updated) and updated != before
+    # At sigma 0.05 (2.5x the tiny model's weight scale) greedy ids change on any CPU's kernels; the
+    # continuous check is check_perturbation_reaches_logits above.
     assert perturbed_ids != before_ids
     assert backend.llm.collective_rpc("es_compilations") == [1]
 
