@@ -270,3 +270,22 @@ def test_vllm_engines_asking_for_tpus_a_cluster_lacks_fail_at_once(ray_cluster, 
     status = train.main([*argv, "--iterations", "1", "--output-dir", str(tmp_path / "run")])
     assert status == train.EXIT_FAILED
     assert "each engine asks for TPU=4, but the Ray cluster has TPU=0" in capsys.readouterr().err
+
+
+def test_low_rank_members_train_and_a_resumed_run_ends_exactly_as_the_uninterrupted_one(
+    ray_cluster, tmp_path, capsys
+):
+    """`--perturbation lowrank --rank 2` on the transformers engines: each update follows the members'
+    rewards, checkpoints record the perturbation, and Ctrl-C then `--resume` (the compact checkpoint's
+    updates replayed in low rank) ends exactly as the uninterrupted run."""
+    common = [*COMMON, "--perturbation", "lowrank", "--rank", "2"]
+    reference = uninterrupted_run(common, ITERATIONS, tmp_path / "reference")
+    assert_weights_follow_the_updates(reference)
+    state = json.loads((reference / "checkpoints" / "iter-000002" / "es_state.json").read_text())
+    assert state["kind"] == "compact"
+    assert state["noise"]["perturbation"] == {
+        "mode": "lowrank",
+        "rank": 2,
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
+    ctrl_c_then_resume(common, reference, ITERATIONS, tmp_path / "run", capsys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ray
 from tqdm import tqdm
@@ -41,6 +42,8 @@ class Checkpointer:
         problems_digest: `driver.task_data.Problems.digest()` of the run's dataset.
         keep_full: the retention policy (--keep-full; `driver.checkpointing.prune`).
         device: the run's device type ("cpu", "cuda", "tpu"), recorded for replay.
+        perturbation: how members perturb (`shared.protocol.Perturbation.record()`; default full),
+            recorded for replay.
 
     Attributes:
         base_model: {"path", "digest"} of the base model, None when the driver cannot read it (every
@@ -50,13 +53,20 @@ class Checkpointer:
     """
 
     def __init__(
-        self, run_dir: RunDir, fleet: EngineFleet, problems_digest: str, keep_full: int, device: str
+        self,
+        run_dir: RunDir,
+        fleet: EngineFleet,
+        problems_digest: str,
+        keep_full: int,
+        device: str,
+        perturbation: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.fleet = fleet
         self.problems_digest = problems_digest
         self.keep_full = keep_full
         self.device = device
+        self.perturbation = perturbation
         self.base_model: dict[str, str] | None = None
         self.saved_updates: int | None = None
         self.safe = True
@@ -98,7 +108,7 @@ class Checkpointer:
             tqdm.write(f"warning: skipped a checkpoint that does not verify: {why}")
             tqdm.write(f"  kept as {self.run_dir.set_aside(path)}; resuming from {resume.path.name}")
         self.saved_updates = resume.updates
-        plan = load_plan(self.run_dir, resume.updates, resume.state, self.device)
+        plan = load_plan(self.run_dir, resume.updates, resume.state, self.device, self.perturbation)
         return Strategy.from_state_dict(resume.state["strategy"]), plan
 
     def write(self, strategy: Strategy, full: bool) -> Path:
@@ -136,6 +146,7 @@ class Checkpointer:
                     has_master=has_master,
                     base_model=self.base_model,
                     device=self.device,
+                    perturbation=self.perturbation,
                 )
                 write_json_atomic(checkpoint_files(tmp).es_state, state, sort_keys=False)
         except (OSError, ray.exceptions.RayTaskError) as e:

@@ -41,6 +41,8 @@ from shared.run_layout import COMPACT, ES_STATE, EVAL, FULL, RunDir, checkpoint_
 from shared.seeds import NOISE_VERSION
 
 # es_state.json keys every checkpoint has, and those a compact one adds.
+# The perturbation record of full-rank members (`shared.protocol.Perturbation().record()`).
+FULL_NOISE: dict[str, Any] = {"mode": "full"}
 REQUIRED = ("updates", "fingerprint", "strategy", "problems_digest")
 REQUIRED_COMPACT = ("anchor", "base_model", "noise")
 
@@ -136,10 +138,12 @@ def es_state(
     base_model: dict[str, str] | None,
     device: str,
     files: dict[str, dict[str, Any]] | None = None,
+    perturbation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The es_state.json of a checkpoint after `updates` updates (see the module docstring). `anchor` is
     the updates of the full checkpoint (0: base model) a compact one replays onto; for a full one,
-    `updates` itself. `base_model` is {"path", "digest"}; `files` (full checkpoints) is `weight_files`."""
+    `updates` itself. `base_model` is {"path", "digest"}; `files` (full checkpoints) is `weight_files`;
+    `perturbation` is `shared.protocol.Perturbation.record()` (default: full)."""
     return {
         "kind": kind,
         "updates": updates,
@@ -149,14 +153,20 @@ def es_state(
         "problems_digest": problems_digest,
         "has_master": has_master,
         "base_model": base_model,
-        "noise": {"version": NOISE_VERSION, "device": device},
+        "noise": {"version": NOISE_VERSION, "device": device, "perturbation": perturbation or FULL_NOISE},
         **({"files": files} if files is not None else {}),
     }
 
 
-def _replay_refusal(state: dict[str, Any], device: str) -> str | None:
+def _replay_refusal(state: dict[str, Any], device: str, perturbation: dict[str, Any]) -> str | None:
     """Why the updates of a compact checkpoint cannot be replayed here, or None."""
     noise = state.get("noise") or {}
+    recorded = noise.get("perturbation", FULL_NOISE)  # written before low-rank members existed: full
+    if recorded != perturbation:
+        return (
+            f"its updates are of perturbation {recorded}, this run's engines apply {perturbation}: "
+            "they would replay to other weights"
+        )
     if noise.get("version") != NOISE_VERSION:
         return (
             f"it was written with noise version {noise.get('version')}, this code draws noise version "
@@ -185,7 +195,13 @@ def _base_refusal(state: dict[str, Any]) -> str | None:
     return None
 
 
-def load_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: str) -> LoadPlan:
+def load_plan(
+    run_dir: RunDir,
+    updates: int,
+    state: dict[str, Any],
+    device: str,
+    perturbation: dict[str, Any] | None = None,
+) -> LoadPlan:
     """How to load the checkpoint after `updates` updates of `run_dir`, whose es_state.json is `state`.
 
     A full checkpoint (or one written before compact checkpoints existed, without "kind") loads its model
@@ -193,10 +209,11 @@ def load_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: str)
 
     Args:
         device: the device type of the engines that will replay ("cpu", "cuda").
+        perturbation: how they apply updates (`shared.protocol.Perturbation.record()`; default full).
 
     Raises:
-        CheckpointError: a compact checkpoint's noise version, device type or base model differ, or its
-            anchor checkpoint is missing.
+        CheckpointError: a compact checkpoint's noise version, device type, perturbation or base model
+            differ, or its anchor checkpoint is missing.
     """
     path = run_dir.checkpoint_path(updates)
     if is_full(state):
@@ -205,7 +222,7 @@ def load_plan(run_dir: RunDir, updates: int, state: dict[str, Any], device: str)
         return LoadPlan(Anchor(updates, str(files.model), master), [], state["fingerprint"])
     if state["kind"] != COMPACT:
         raise CheckpointError(f"{checkpoint_files(path).es_state}: unknown checkpoint kind {state['kind']!r}")
-    why = _replay_refusal(state, device)
+    why = _replay_refusal(state, device, perturbation or FULL_NOISE)
     if why is not None:
         raise CheckpointError(f"{path} is a compact checkpoint that cannot be replayed here: {why}")
     start = int(state["anchor"])

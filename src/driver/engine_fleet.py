@@ -58,6 +58,7 @@ def load_request(config: TrainConfig, anchor: Anchor) -> LoadRequest:
             cpu_linear=config.cpu_linear,
             emulate_tpu=config.emulate_tpu,
         ),
+        perturbation=config.perturbation_spec(),
     )
 
 

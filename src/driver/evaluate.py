@@ -114,7 +114,7 @@ def prepare(checkpoint: Path, args: argparse.Namespace) -> Evaluation:
     values.update(resume=False, output_dir=str(checkpoint))
     config = TrainConfig(**values)
     if compact:
-        plan = load_plan(run, plan["updates"], plan, config.device_type)
+        plan = load_plan(run, plan["updates"], plan, config.device_type, config.perturbation_spec().record())
     if "dataset_path" in given and "eval_size" not in given:
         task, rows = load_dataset(config)
         problems = Problems(train=[], eval=rows, task=task)

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from driver.engine_options import EngineOptions
 from driver.options import ConfigError, option
 from driver.strategy import SHAPINGS, StrategyConfig
-from shared.protocol import RolloutRequest
+from shared.protocol import PERTURBATIONS, Perturbation, RolloutRequest
 from shared.tasks import TASKS, CountdownTask, TaskError, load_task
 
 __all__ = ["ConfigError", "FIELDS", "RESUMABLE_OVERRIDES", "TrainConfig"]
@@ -63,6 +63,12 @@ class TrainConfig(EngineOptions):
     )
     shaping: Literal[SHAPINGS] = option("zscore", "fitness shaping of member rewards")
     antithetic: bool = option(False, "mirrored pairs (seed, +sigma) and (seed, -sigma)")
+    perturbation: Literal[PERTURBATIONS] = option(
+        "full",
+        "member noise: full (the paper's: every parameter) or lowrank (EGGROLL: B A^T / sqrt(rank) on the "
+        "attention and MLP matrices, the rest frozen; transformers backend only so far)",
+    )
+    rank: int = option(1, "rank r of each member's low-rank noise (--perturbation lowrank)", "rank", gt=0)
     iterations: int = option(20, "ES iterations (updates) in total", "iterations", resumable=True, gt=0)
     # Rollouts.
     prompts_per_member: int = option(16, "problems each member is scored on per iteration", "prompts", gt=0)
@@ -186,6 +192,14 @@ class TrainConfig(EngineOptions):
         """The population against antithetic sampling; the dataset options together."""
         if self.antithetic and self.population % 2:
             raise ConfigError(f"--population: must be even with --antithetic, got {self.population}")
+        if self.perturbation == "lowrank":
+            if self.backend == "vllm":
+                raise ConfigError(
+                    "--perturbation: lowrank runs on the transformers backend so far (--backend cpu or "
+                    "cuda); vLLM engines run full"
+                )
+            if self.restore_mode == "subtract":
+                raise ConfigError("--restore-mode: subtract is not for --perturbation lowrank (use master)")
         if self.task != CountdownTask.name:
             if self.dataset != "generated":
                 raise ConfigError(
@@ -213,6 +227,10 @@ class TrainConfig(EngineOptions):
             shaping=self.shaping,
             antithetic=self.antithetic,
         )
+
+    def perturbation_spec(self) -> Perturbation:
+        """How this run's members perturb the weights (what each engine loads with)."""
+        return Perturbation(mode=self.perturbation, rank=self.rank)
 
     def rollout_request(self, num_samples: int = 1) -> RolloutRequest:
         """The unperturbed request of this run's rollouts (task, prompt rendering, completion length,

@@ -86,7 +86,12 @@ class Trainer:
         self.fleet = EngineFleet(config, spec, self._updates_since, self.stop)
         self.scheduler = RolloutScheduler(self.fleet, self.stop)
         self.checkpoints = Checkpointer(
-            self.run_dir, self.fleet, problems.digest(), config.keep_full, config.device_type
+            self.run_dir,
+            self.fleet,
+            problems.digest(),
+            config.keep_full,
+            config.device_type,
+            config.perturbation_spec().record(),
         )
         self.log = RunLog(self.run_dir, problems.task)
 

@@ -117,18 +117,27 @@ class TransformersBackend:
     operations on one torch model.
 
     Args:
-        request: model directory, dtype, device, restore mode, fp32 master and determinism
-            (`shared.protocol.LoadRequest`; its vLLM options are ignored).
+        request: model directory, dtype, device, restore mode, fp32 master, determinism and
+            perturbation (`shared.protocol.LoadRequest`; its vLLM options are ignored).
 
     Raises:
-        ValueError: unknown dtype, or a master that does not match the model. OSError: missing files.
+        ValueError: unknown dtype, a master that does not match the model, or a low-rank perturbation
+            with restore mode subtract. OSError: missing files.
     """
 
     def __init__(self, request: LoadRequest) -> None:
         if request.deterministic and request.device != "cpu":
             use_deterministic_kernels()
         self.generator = HFGenerator(request.model_dir, dtype=request.dtype, device=request.device)
-        self.weights = TorchWeights(self.generator.model, restore_mode=request.restore_mode)
+        perturbation = request.perturbation
+        if perturbation.mode == "lowrank":
+            from engine.lowrank import LowRankWeights
+
+            self.weights: TorchWeights = LowRankWeights(
+                self.generator.model, restore_mode=request.restore_mode, rank=perturbation.rank
+            )
+        else:
+            self.weights = TorchWeights(self.generator.model, restore_mode=request.restore_mode)
         if request.master_path:
             from safetensors.torch import load_file
 

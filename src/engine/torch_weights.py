@@ -38,8 +38,14 @@ def noise_like(
 ) -> torch.Tensor:
     """The member's float32 noise for one parameter: shape `param.shape` (`param` may be a meta tensor),
     on `device` (default: the parameter's)."""
+    return normal_like(param, noise_seed(member_seed, name), device)
+
+
+def normal_like(param: torch.Tensor, key: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal float32 noise of shape `param.shape` under the 63-bit `key`, on `device` (default:
+    the parameter's): `engine.cpu_noise` on CPUs (the same bits on every CPU), `torch.randn` from a
+    generator seeded with `key` elsewhere."""
     device = param.device if device is None else torch.device(device)
-    key = noise_seed(member_seed, name)
     if device.type == "cpu":
         out = torch.empty(param.shape, dtype=torch.float32)
         cpu_noise.fill_normal(out.numpy(), key, threads=torch.get_num_threads())

@@ -167,7 +167,16 @@ class VLLMBackend:
     def from_request(cls, request: LoadRequest, **kwargs: Any) -> VLLMBackend:
         """The backend for a `shared.protocol.LoadRequest` (its `vllm` options; `device` is ignored: vLLM
         finds its platform), with the request's fp32 master loaded. `kwargs` go to the constructor (tests
-        pass a stand-in `llm`)."""
+        pass a stand-in `llm`).
+
+        Raises:
+            ValueError: a low-rank perturbation (not on vLLM yet: the transformers backend runs it).
+        """
+        if request.perturbation.mode != "full":
+            raise ValueError(
+                f"perturbation {request.perturbation.mode}: not on the vLLM backend yet; the transformers "
+                "backend (--backend cpu or cuda) runs it"
+            )
         backend = cls(
             request.model_dir,
             dtype=request.dtype,

@@ -44,9 +44,44 @@ REPORTED_DISTRIBUTIONS = (
 REPORTED_MODULES = ("ray", "torch", "transformers", "numpy", "numba")
 
 
+# How a member perturbs the weights: "full" (Qiu et al. 2025: every parameter gets i.i.d. N(0, 1) noise
+# of its shape) or "lowrank" (Sarkar et al. 2025, EGGROLL: each targeted matrix gets B A^T / sqrt(rank)).
+PERTURBATIONS = ("full", "lowrank")
+# The weight matrices low-rank members perturb and updates change: the linear layers of attention and MLP
+# (EGGROLL's LLM runs and its vLLM port); embeddings, the LM head, norms and biases stay frozen.
+LOWRANK_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """How members perturb the weights (`PERTURBATIONS`), and for "lowrank" the rank r of each member's
+    noise E = B A^T / sqrt(r) (A: in x r, B: out x r, standard normal), applied to the `LOWRANK_TARGETS`
+    matrices only (Sarkar et al. 2025, "Evolution Strategies at the Hyperscale", Sec. 3; r = 1 in their
+    LLM runs). E has unit-variance entries for any r, so sigma and alpha keep their meaning.
+
+    Raises:
+        ValueError: an unknown mode, or rank < 1.
+    """
+
+    mode: str = "full"
+    rank: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("perturbation", self.mode, PERTURBATIONS)
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records of it, {"mode", "rank", "targets"} (rank and targets only matter,
+        and are only recorded, for "lowrank"); replaying updates under another record is refused."""
+        if self.mode == "full":
+            return {"mode": "full"}
+        return {"mode": self.mode, "rank": self.rank, "targets": list(LOWRANK_TARGETS)}
 
 
 @dataclass(frozen=True)
@@ -90,6 +125,7 @@ class LoadRequest:
             weights, so that a resumed run continues bit-exactly; None when the model is the weights.
         deterministic: deterministic GPU kernels (needed for reproducible GPU rollouts; CPUs always are).
         vllm: settings of the vLLM backend.
+        perturbation: how members perturb the weights and updates change them (`Perturbation`).
 
     Raises:
         ValueError: a field outside its allowed values (named).
@@ -103,6 +139,7 @@ class LoadRequest:
     master_path: str | None = None
     deterministic: bool = False
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    perturbation: Perturbation = field(default_factory=Perturbation)
 
     def __post_init__(self) -> None:
         _choice("backend", self.backend, ENGINE_BACKENDS)

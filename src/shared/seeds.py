@@ -7,6 +7,7 @@ stateful generator:
 
   member_seed(root, iteration, index)  = H("member", root, iteration, index)
   noise_seed(member_seed, param_name)  = H("noise", member_seed, param_name)
+  lowrank_seed(member_seed, param_name, factor) = H("lowrank", member_seed, param_name, factor)
   prompt_rank(root, iteration, id)     = H("prompt", root, iteration, id)
 
 where H(*parts) is the first 8 bytes (big-endian) of SHA-256 over the parts joined by "/", masked to 63
@@ -45,6 +46,18 @@ def member_seed(root_seed: int, iteration: int, index: int) -> int:
 def noise_seed(member: int, param_name: str) -> int:
     """The seed of the noise of parameter `param_name` for a member seed, an int in [0, 2**63)."""
     return _hash("noise", int(member), param_name)
+
+
+def lowrank_seed(member: int, param_name: str, factor: str) -> int:
+    """The seed of factor `factor` ("a": in x rank, "b": out x rank) of a member's low-rank noise of
+    parameter `param_name` (`--perturbation lowrank`, `engine.lowrank`), an int in [0, 2**63).
+
+    Raises:
+        ValueError: `factor` is not "a" or "b".
+    """
+    if factor not in ("a", "b"):
+        raise ValueError(f"factor must be 'a' or 'b', got {factor!r}")
+    return _hash("lowrank", int(member), param_name, factor)
 
 
 def split_seed_u32(seed: int) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import torch
 
 from driver.strategy import Strategy, StrategyConfig
 from engine.hf_backend import HFGenerator
+from engine.lowrank import LowRankWeights
 from engine.tiny_model import make_tiny_model
 from engine.torch_weights import TorchWeights
 from shared.tasks import load_task
@@ -70,13 +71,15 @@ def conciseness_reward(backend: HFGenerator):
     return reward
 
 
-def run(model_dir, mode: str, make_reward=first_token_reward) -> tuple[list[float], float]:
-    """Runs ES with the reward `make_reward(backend)` returns; returns (population mean reward per
-    iteration, final unperturbed reward). `mode`: "right", "wrong-sign" (the update's negative) or
-    "no-update"."""
+def run(
+    model_dir, mode: str, make_reward=first_token_reward, make_weights=TorchWeights
+) -> tuple[list[float], float]:
+    """Runs ES with the reward `make_reward(backend)` returns, perturbing through `make_weights(model)`;
+    returns (population mean reward per iteration, final unperturbed reward). `mode`: "right",
+    "wrong-sign" (the update's negative) or "no-update"."""
     torch.manual_seed(0)
     backend = HFGenerator(model_dir)
-    weights = TorchWeights(backend.model)
+    weights = make_weights(backend.model)
     reward = make_reward(backend)
     strategy = Strategy(CONFIG, root_seed=0)
     means = []
@@ -117,3 +120,14 @@ def test_es_raises_the_conciseness_reward_only_with_the_right_update(model_dir, 
     print(mode, "conciseness reward per iteration:", [round(m, 2) for m in means], "final:", round(final, 2))
     gained = np.mean(means[-3:]) >= means[0] + CONCISE_GAIN and final >= means[0] + CONCISE_GAIN
     assert gained == (mode == "right")
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong-sign"])
+def test_es_raises_the_reward_with_low_rank_members_only_with_the_right_update(model_dir, mode):
+    """`--perturbation lowrank` (rank 1, the attention and MLP matrices only; `engine.lowrank`) through
+    the same loop: the right update raises the first-token reward as full-rank members do, the negated
+    one does not."""
+    means, final = run(model_dir, mode, make_weights=lambda model: LowRankWeights(model, rank=1))
+    print(mode, "low-rank: population mean reward per iteration:", [round(m, 3) for m in means], final)
+    raised = np.mean(means[-3:]) >= means[0] + 0.3 and final >= means[0] + 0.3
+    assert raised == (mode == "right")
