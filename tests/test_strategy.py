@@ -44,6 +44,15 @@ def test_centered_rank_shaping_closed_form():
     np.testing.assert_allclose(shape(np.array([10.0, -1.0, 3.0]), "centered_rank"), [0.5, -0.5, 0.0])
 
 
+def test_centered_rank_gives_tied_rewards_their_average_rank():
+    """Before: ties got distinct ranks in index order, so a full tie gave a full-size update of pure noise
+    ([-0.5, -0.17, 0.17, 0.5] for four equal rewards)."""
+    assert np.all(shape(np.full(4, 0.01), "centered_rank") == 0.0)
+    np.testing.assert_allclose(shape(np.array([1.0, 0.0, 1.0, 2.0]), "centered_rank"), [0.0, -0.5, 0.0, 0.5])
+    strategy = Strategy(StrategyConfig(population=4, shaping="centered_rank"), root_seed=3)
+    assert all(c == 0.0 for _, c in strategy.tell([0.0, 0.0, 0.0, 0.0]))
+
+
 def test_tell_coefficients_are_alpha_over_n_times_z():
     strategy = Strategy(StrategyConfig(population=4, alpha=0.01), root_seed=1)
     members = strategy.ask()

@@ -289,3 +289,21 @@ def test_low_rank_members_train_and_a_resumed_run_ends_exactly_as_the_uninterrup
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     }
     ctrl_c_then_resume(common, reference, ITERATIONS, tmp_path / "run", capsys)
+
+
+def test_a_run_whose_members_all_tie_says_so_once_and_keeps_its_weights(reference_run, tmp_path, capsys):
+    """At sigma 1e-12 a perturbation is below the fp32 rounding of every weight of the tiny model, so all
+    members score alike in every iteration: each update is zero, the weights stay, the first tie is
+    warned about once and the summary counts them (before: not a word)."""
+    out = tmp_path / "run"
+    args = [*COMMON, "--model-dir", str(reference_run / "base-model"), "--iterations", "2", "--sigma", "1e-12"]
+    assert train.main([*args, "--output-dir", str(out)]) == train.EXIT_OK
+    printed = capsys.readouterr().out
+    assert printed.count("so the update is zero") == 1, printed
+    assert "(2 iterations had every member tie: zero updates)" in printed
+    state = json.loads((out / "checkpoints" / "iter-000002" / "es_state.json").read_text())
+    assert [c for record in state["strategy"]["history"] for _, c in record["update"]] == [0.0] * 12
+    (session,) = json.loads((out / "manifest.json").read_text())["sessions"]
+    assert {r["fingerprint"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"} == {
+        session["start"]["fingerprint"]
+    }

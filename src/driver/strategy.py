@@ -72,7 +72,9 @@ def shape(rewards: np.ndarray, method: str) -> np.ndarray:
     zscore: (r - mean) / (std + 1e-8) with the population std (ddof=0), as the paper's z-scoring; all
         zeros when every reward is equal (exactly: float rounding in the mean would otherwise leave
         residues of ~1e-10 that move the weights by an amount that depends on the CPU's arithmetic).
-    centered_rank: rank / (N - 1) - 0.5 (ties get distinct ranks in index order); all zeros for N == 1.
+    centered_rank: rank / (N - 1) - 0.5 (Salimans et al. 2017, Sec. 2.2), tied rewards getting their
+        average rank, so that members that tie get the same weight and a full tie gives all zeros; all
+        zeros for N == 1.
     """
     r = np.asarray(rewards, dtype=np.float64)
     if method == "zscore":
@@ -84,7 +86,9 @@ def shape(rewards: np.ndarray, method: str) -> np.ndarray:
             return np.zeros(1)
         ranks = np.empty(r.size, dtype=np.float64)
         ranks[np.argsort(r, kind="stable")] = np.arange(r.size)
-        return ranks / (r.size - 1) - 0.5
+        _, tie_group = np.unique(r, return_inverse=True)
+        average = np.bincount(tie_group, weights=ranks) / np.bincount(tie_group)
+        return average[tie_group] / (r.size - 1) - 0.5
     raise ValueError(f"unknown shaping {method!r}; expected one of {SHAPINGS}")
 
 

@@ -174,8 +174,11 @@ def _train(
             ray.shutdown()
     out = RunDir(summary["output_dir"])
     plot = plot_run(out.root, "train")
+    ties = summary["tied_iterations"]
     print(
-        f"{summary['status']}: {summary['updates']} updates, weights {summary['fingerprint'][:16]}\n"
+        f"{summary['status']}: {summary['updates']} updates, weights {summary['fingerprint'][:16]}"
+        + (f" ({ties} iterations had every member tie: zero updates)" if ties else "")
+        + "\n"
         f"  outputs:     {out.root}\n"
         f"  metrics:     {out.metrics} (TensorBoard: tensorboard --logdir {out.tensorboard})\n"
         f"  samples:     {out.samples}\n"

@@ -94,6 +94,8 @@ class Trainer:
             config.perturbation_spec().record(),
         )
         self.log = RunLog(self.run_dir, problems.task)
+        # Iterations of this session whose members all tied (zero updates; `_warn_tie`).
+        self.tied_iterations = 0
 
     @property
     def pool(self):
@@ -126,6 +128,8 @@ class Trainer:
         results = self.scheduler.map(tasks, on_done, finish_on_stop=True)
         rollout_s = time.perf_counter() - started
         rewards = np.array([np.mean(r.rewards) for r in results])
+        if rewards.min() == rewards.max():
+            self._warn_tie(k, float(rewards[0]))
         started = time.perf_counter()
         before = (self.strategy.state_dict(), self.fleet.fingerprint)
         with self.checkpoints.unsafe():
@@ -169,6 +173,17 @@ class Trainer:
                 **{f"engine_{p}": s for p, s in engine_seconds.items()},
             },
         }
+
+    def _warn_tie(self, iteration: int, reward: float) -> None:
+        """Counts an iteration whose members all scored `reward` (its update is zero); warns at the first."""
+        self.tied_iterations += 1
+        if self.tied_iterations == 1:
+            tqdm.write(
+                f"warning: iteration {iteration}: all {self.config.population} members scored {reward:.4g}, "
+                "so the update is zero. The task gives this model no signal to tell members apart (a "
+                "larger --sigma, another --task or a model that scores above the floor can); further "
+                "tied iterations are counted in the summary"
+            )
 
     def _evaluate(self) -> dict[str, Any]:
         """Held-out evaluation of the current weights, logged when the split is not empty."""
@@ -288,6 +303,7 @@ class Trainer:
         Returns:
             {"status": "completed" | "stopped", "signal": the number of the signal that stopped it or
             None, "updates": int, "fingerprint": str, "output_dir": str, "last_checkpoint": path or None,
+            "tied_iterations": iterations of this session whose members all tied (zero updates),
             "final_eval": eval result or None}.
 
         Raises:
@@ -331,5 +347,6 @@ class Trainer:
             "fingerprint": self.fleet.fingerprint,
             "output_dir": str(self.run_dir.root),
             "last_checkpoint": str(latest[1]) if latest else None,
+            "tied_iterations": self.tied_iterations,
             "final_eval": final_eval,
         }
