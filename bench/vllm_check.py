@@ -146,7 +146,9 @@ def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, lis
     change = largest_logprob_change(base_logprobs, perturbed_logprobs)
     changed = sum(a != b for a, b in zip(texts, perturbed_texts, strict=True))
     detail = f"largest next-token log-prob change {change:.3g} nats over {len(prompts)} prompts"
-    checks.append(("perturbs logprobs", change > 0, f"{detail}; {changed}/{len(prompts)} completions changed"))
+    checks.append(
+        ("perturbs logprobs", change > 0, f"{detail}; {changed}/{len(prompts)} completions changed")
+    )
 
     def cycle() -> None:
         backend.perturb(3, args.sigma)

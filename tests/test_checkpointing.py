@@ -12,14 +12,12 @@ from run_fixtures import make_base_model, write_checkpoint
 from driver import checkpointing, evaluate
 from driver.checkpointing import (
     CheckpointError,
-    es_state,
     full_due,
     load_plan,
     model_digest,
     prune,
     resume_point,
     verify,
-    weight_files,
 )
 from driver.train import EXIT_INVALID
 from shared.run_layout import COMPACT, FULL, RunDir, write_json_atomic
@@ -91,7 +89,13 @@ def test_a_compact_checkpoint_replays_the_updates_since_its_anchor(tmp_path, bas
     [
         ({"noise": {"version": NOISE_VERSION + 1, "device": "cpu"}}, "noise version"),
         (
-            {"noise": {"version": NOISE_VERSION, "device": "cpu", "perturbation": {"mode": "lowrank", "rank": 1}}},
+            {
+                "noise": {
+                    "version": NOISE_VERSION,
+                    "device": "cpu",
+                    "perturbation": {"mode": "lowrank", "rank": 1},
+                }
+            },
             r"of perturbation \{'mode': 'lowrank', 'rank': 1\}, this run's engines apply \{'mode': 'full'\}",
         ),
         (
@@ -112,7 +116,10 @@ def test_replay_is_refused_naming_why(tmp_path, base, change, why):
 def test_a_checkpoint_written_before_low_rank_members_replays_as_full_rank(tmp_path, base):
     run = RunDir(tmp_path / "run")
     write_checkpoint(run, 3, COMPACT, 0, base)
-    state = {**run.read_checkpoint_state(run.checkpoint_path(3)), "noise": {"version": NOISE_VERSION, "device": "cpu"}}
+    state = {
+        **run.read_checkpoint_state(run.checkpoint_path(3)),
+        "noise": {"version": NOISE_VERSION, "device": "cpu"},
+    }
     assert len(load_plan(run, 3, state, "cpu").updates) == 3
     with pytest.raises(CheckpointError, match="of perturbation"):
         load_plan(run, 3, state, "cpu", {"mode": "lowrank", "rank": 1, "targets": ["q_proj"]})

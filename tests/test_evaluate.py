@@ -51,7 +51,9 @@ def packaged_model_run(tmp_path) -> RunDir:
 
 
 @pytest.mark.parametrize("updates", [2, 3])
-def test_a_checkpoint_of_a_packaged_model_run_is_evaluated_with_the_runs_settings(packaged_model_run, updates):
+def test_a_checkpoint_of_a_packaged_model_run_is_evaluated_with_the_runs_settings(
+    packaged_model_run, updates
+):
     """Before: "--model: give either --model or --model-dir, not both" for every such checkpoint."""
     checkpoint = packaged_model_run.checkpoint_path(updates)
     evaluation = prepare(checkpoint, options())

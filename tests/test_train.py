@@ -296,7 +296,15 @@ def test_a_run_whose_members_all_tie_says_so_once_and_keeps_its_weights(referenc
     members score alike in every iteration: each update is zero, the weights stay, the first tie is
     warned about once and the summary counts them (before: not a word)."""
     out = tmp_path / "run"
-    args = [*COMMON, "--model-dir", str(reference_run / "base-model"), "--iterations", "2", "--sigma", "1e-12"]
+    args = [
+        *COMMON,
+        "--model-dir",
+        str(reference_run / "base-model"),
+        "--iterations",
+        "2",
+        "--sigma",
+        "1e-12",
+    ]
     assert train.main([*args, "--output-dir", str(out)]) == train.EXIT_OK
     printed = capsys.readouterr().out
     assert printed.count("so the update is zero") == 1, printed

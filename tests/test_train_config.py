@@ -139,7 +139,10 @@ def test_file_then_command_line(tmp_path):
         (["--backend", "vllm", "--engine-resources", "TPU=4", "--emulate-tpu"], "on a TPU VM run without it"),
         (["--backend", "vllm", "--emulate-tpu", "--restore-mode", "device"], "an emulated TPU uses master"),
         (["--train-size", "4", "--prompts-per-member", "8"], "--train-size: must be >= --prompts-per-member"),
-        (["--perturbation", "lowrank", "--backend", "vllm"], "--perturbation: lowrank runs on the transformers"),
+        (
+            ["--perturbation", "lowrank", "--backend", "vllm"],
+            "--perturbation: lowrank runs on the transformers",
+        ),
         (["--perturbation", "lowrank", "--restore-mode", "subtract"], "--restore-mode: subtract is not for"),
         (["--perturbation", "lowrank", "--rank", "0"], "--rank: must be > 0"),
     ],

@@ -65,7 +65,9 @@ def add_lowrank(target: torch.Tensor, name: str, terms: list[tuple[int, float]],
         ValueError: `target` is not a 2-D float32 tensor.
     """
     if target.dtype != torch.float32 or target.dim() != 2:
-        raise ValueError(f"{name}: low-rank noise needs a 2-D float32 target, got {target.dtype} {target.shape}")
+        raise ValueError(
+            f"{name}: low-rank noise needs a 2-D float32 target, got {target.dtype} {target.shape}"
+        )
     root = math.sqrt(rank)
     for seed, scale in terms:
         a, b = factors(seed, name, tuple(target.shape), rank, target.device)
