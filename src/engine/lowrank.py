@@ -22,7 +22,6 @@ replay. Its cost is 2 * r * N * out * in float32 operations per matrix and updat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
@@ -104,48 +103,16 @@ class LowRankWeights(TorchWeights):
         if not self.targets:
             raise ValueError(f"no parameter of the model is a low-rank target ({', '.join(LOWRANK_TARGETS)})")
 
-    @torch.no_grad()
-    def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
-        """Each target W <- round(master + sign * sigma * E_seed), in place.
+    @property
+    def es_names(self) -> list[str]:
+        """The targeted matrices (`is_target`), in name order; the rest stays frozen."""
+        return self.targets
 
-        Raises:
-            RuntimeError: already perturbed (restore first).
-        """
-        if self._active is not None:
-            raise RuntimeError("weights are already perturbed; call restore() first")
-        scale = float(sign) * float(sigma)
-        for name in self.targets:
-            p = self.params[name]
-            value = self.master[name].to(device=p.device, copy=True)
-            add_lowrank(value, name, [(seed, scale)], self.rank)
-            p.copy_(value)
-        self._active = (seed, scale)
+    def _perturb_one(self, name: str, p: torch.Tensor, seed: int, scale: float) -> None:
+        """W <- round(master + scale * E_seed): from the fp32 master, rounded once to W's dtype."""
+        value = self.master[name].to(device=p.device, copy=True)
+        add_lowrank(value, name, [(seed, scale)], self.rank)
+        p.copy_(value)
 
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copies the targets back (exact). No-op when not perturbed."""
-        if self._active is None:
-            return
-        for name in self.targets:
-            if self.restore_mode == "master":
-                self._load_from_master(name, self.params[name])
-            else:
-                self.params[name].copy_(self.device_copy[name])
-        self._active = None
-
-    @torch.no_grad()
-    def apply_update(self, pairs: Iterable[tuple[int, float]]) -> None:
-        """Each target's fp32 master += sum_s c_s * E_s (summed first, in order, then added), written to
-        the device weights rounded once. `pairs` is `Strategy.tell()`'s output.
-
-        Raises:
-            RuntimeError: the weights are perturbed (restore first).
-        """
-        if self._active is not None:
-            raise RuntimeError("cannot apply an update to perturbed weights; call restore() first")
-        pairs = [(int(s), float(c)) for s, c in pairs]
-        for name in self.targets:
-            update = torch.zeros(self.master[name].shape, dtype=torch.float32)
-            add_lowrank(update, name, pairs, self.rank)
-            self.master[name].add_(update)
-            self._load_from_master(name, self.params[name])
+    def _add_terms(self, target: torch.Tensor, name: str, terms: list[tuple[int, float]]) -> None:
+        add_lowrank(target, name, terms, self.rank)

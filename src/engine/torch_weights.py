@@ -158,6 +158,19 @@ class TorchWeights:
         """True between `perturb` and `restore`."""
         return self._active is not None
 
+    @property
+    def es_names(self) -> list[str]:
+        """The parameters ES perturbs and updates, in name order (here: all of them)."""
+        return list(self.params)
+
+    def _perturb_one(self, name: str, p: torch.Tensor, seed: int, scale: float) -> None:
+        """Parameter `name` <- itself + scale * its noise of member `seed`, in place."""
+        self._add_noise(p, name, [(seed, scale)])
+
+    def _add_terms(self, target: torch.Tensor, name: str, terms: list[tuple[int, float]]) -> None:
+        """float32 `target` (shaped like parameter `name`) += sum of scale * noise(seed) over `terms`."""
+        self._add_noise(target, name, terms)
+
     @torch.no_grad()
     def perturb(self, seed: int, sigma: float, sign: int = 1) -> None:
         """theta <- theta + sign * sigma * eps(seed), parameter by parameter, in place.
@@ -168,8 +181,8 @@ class TorchWeights:
         if self._active is not None:
             raise RuntimeError("weights are already perturbed; call restore() first")
         scale = float(sign) * float(sigma)
-        for name, p in self.params.items():
-            self._add_noise(p, name, [(seed, scale)])
+        for name in self.es_names:
+            self._perturb_one(name, self.params[name], seed, scale)
         self._active = (seed, scale)
 
     @torch.no_grad()
@@ -179,7 +192,8 @@ class TorchWeights:
         if self._active is None:
             return
         seed, scale = self._active
-        for name, p in self.params.items():
+        for name in self.es_names:
+            p = self.params[name]
             if self.restore_mode == "master":
                 self._load_from_master(name, p)
             elif self.restore_mode == "device":
@@ -199,9 +213,10 @@ class TorchWeights:
         if self._active is not None:
             raise RuntimeError("cannot apply an update to perturbed weights; call restore() first")
         pairs = [(int(s), float(c)) for s, c in pairs]
-        for name, p in self.params.items():
+        for name in self.es_names:
+            p = self.params[name]
             update = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            self._add_noise(update, name, pairs)
+            self._add_terms(update, name, pairs)
             self.master[name].add_(update.cpu())
             self._load_from_master(name, p)
 
