@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,8 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
         for key in ("reward_mean", "reward_std", "reward_max", "accuracy", "format"):
             assert math.isfinite(row[key]), (key, row)
         assert row["tokens"] > 0 and row["seconds"]["rollout"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"]["rollout"])
+        assert time.strptime(row["time"], "%Y-%m-%dT%H:%M:%SZ")  # UTC, ISO 8601
         # Every phase of bench/iteration_phases.py is measured inside the engines, and fits the iteration.
         phases = [f"engine_{p}" for p in ("perturb", "generate", "score", "restore", "update", "fingerprint")]
         assert all(row["seconds"][p] > 0 for p in phases), row["seconds"]
@@ -309,6 +312,10 @@ def test_a_run_whose_members_all_tie_says_so_once_and_keeps_its_weights(referenc
     printed = capsys.readouterr().out
     assert printed.count("so the update is zero") == 1, printed
     assert "(2 iterations had every member tie: zero updates)" in printed
+    # The summary says how long it took and how the held-out reward moved (here: not at all).
+    assert "wall time: " in printed and " for 2 iterations (" in printed
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert f"held-out:    reward {evals[0]['reward_mean']:.4f} -> {evals[-1]['reward_mean']:.4f}" in printed
     state = json.loads((out / "checkpoints" / "iter-000002" / "es_state.json").read_text())
     assert [c for record in state["strategy"]["history"] for _, c in record["update"]] == [0.0] * 12
     (session,) = json.loads((out / "manifest.json").read_text())["sessions"]

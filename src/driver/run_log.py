@@ -11,6 +11,16 @@ from shared.run_layout import RunDir
 from shared.tasks import Task
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration for people: "42 s", "3 min 05 s", "2 h 07 min"."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 class RunLog:
     """The run log of one session.
 
@@ -63,9 +73,11 @@ class RunLog:
         """Appends an iteration's sample completions to samples.jsonl."""
         self.run_dir.append_jsonl(self.run_dir.samples, samples)
 
-    def iteration(self, row: dict[str, Any]) -> None:
+    def iteration(self, row: dict[str, Any], eta_s: float | None = None) -> None:
         """Logs an iteration's metrics row ({"kind": "train", "iteration", rewards, components, "tokens",
-        "seconds": {phase: s}}): metrics.jsonl, TensorBoard (train/*, seconds/*) and the console."""
+        "tokens_per_s" (generated tokens per second of the rollouts), "time" (UTC, ISO 8601), "seconds":
+        {phase: s}}): metrics.jsonl, TensorBoard (train/*, seconds/*) and the console, with `eta_s`, the
+        estimated seconds the rest of the run takes."""
         self.run_dir.append_jsonl(self.run_dir.metrics, [row])
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "iteration"}
         self._scalars("train", scalars, row["iteration"])
@@ -74,6 +86,7 @@ class RunLog:
             f"iteration {row['iteration']:4d}: reward mean {row['reward_mean']:.4f} "
             f"max {row['reward_max']:.4f}, "
             + "".join(f"{name} {row[name]:.3f}, " for name in self.task.components)
-            + f"{row['tokens']} tokens, "
+            + f"{row['tokens']} tokens ({row['tokens_per_s']:.0f}/s), "
             f"{row['seconds']['iteration']:.1f} s"
+            + ("" if eta_s is None else f", ETA {format_seconds(eta_s)}")
         )

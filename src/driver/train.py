@@ -31,12 +31,13 @@ from driver.engine_pool import EngineStartError
 from driver.engine_preflight import EnginePreflightError, preflight
 from driver.engine_spec import EngineSpec, default_pex_root, default_python
 from driver.reward_plot import write_reward_plot
+from driver.run_log import format_seconds
 from driver.run_lock import RunLock
 from driver.run_open import open_run
 from driver.task_data import Problems
 from driver.train_config import ConfigError, TrainConfig
 from driver.trainer import Trainer
-from shared.run_layout import RunDir, RunDirError
+from shared.run_layout import RunDir, RunDirError, read_jsonl
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 EXIT_STOPPED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -93,6 +94,20 @@ def init_ray(address: str | None) -> bool:
 def default_output_dir() -> str:
     """runs/<UTC time>, e.g. runs/20261122-101500."""
     return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+
+
+def held_out_change(run_dir: RunDir) -> str:
+    """The summary's line on held-out evaluation: reward and accuracy at the run's first evaluation and
+    at its last (from metrics.jsonl), or "" with fewer than two evaluations."""
+    rows = [r for r in read_jsonl(run_dir.metrics) if r.get("kind") == "eval"]
+    if len(rows) < 2:
+        return ""
+    first, last = rows[0], rows[-1]
+    return (
+        f"  held-out:    reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, accuracy "
+        f"{first['accuracy']:.3f} -> {last['accuracy']:.3f} (after {first['updates']} and "
+        f"{last['updates']} updates, {last['problems']} problems)\n"
+    )
 
 
 def plot_run(run_dir: Path, command: str) -> Path | None:
@@ -158,6 +173,7 @@ def _train(
     import ray
 
     started_ray = init_ray(config.address)
+    started = time.monotonic()
     try:
         summary = trainer.run()
     except (EngineStartError, EngineSyncError, EnginePreflightError, CheckpointError) as e:
@@ -172,14 +188,19 @@ def _train(
     finally:
         if started_ray:
             ray.shutdown()
+    wall_s = time.monotonic() - started
     out = RunDir(summary["output_dir"])
     plot = plot_run(out.root, "train")
     ties = summary["tied_iterations"]
+    rate = summary["iterations_run"] / (wall_s / 60) if wall_s > 0 else 0.0
     print(
         f"{summary['status']}: {summary['updates']} updates, weights {summary['fingerprint'][:16]}"
         + (f" ({ties} iterations had every member tie: zero updates)" if ties else "")
         + "\n"
-        f"  outputs:     {out.root}\n"
+        f"  wall time:   {format_seconds(wall_s)} for {summary['iterations_run']} iterations "
+        f"({rate:.2f} per minute, engines' start included)\n"
+        + held_out_change(out)
+        + f"  outputs:     {out.root}\n"
         f"  metrics:     {out.metrics} (TensorBoard: tensorboard --logdir {out.tensorboard})\n"
         f"  samples:     {out.samples}\n"
         f"  checkpoint:  {summary['last_checkpoint']}" + (f"\n  reward plot: {plot}" if plot else "")

@@ -96,6 +96,8 @@ class Trainer:
         self.log = RunLog(self.run_dir, problems.task)
         # Iterations of this session whose members all tied (zero updates; `_warn_tie`).
         self.tied_iterations = 0
+        # Wall seconds of each iteration this session ran (the console's ETA, the summary's rate).
+        self.iteration_seconds: list[float] = []
 
     @property
     def pool(self):
@@ -260,7 +262,12 @@ class Trainer:
             self.checkpoints.write(self.strategy, full and not self.stop.requested)
             row["seconds"]["checkpoint"] = time.perf_counter() - tick
         row["seconds"]["iteration"] = time.perf_counter() - started
-        self.log.iteration(row)
+        row["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        rollout_s = row["seconds"]["rollout"]
+        row["tokens_per_s"] = row["tokens"] / rollout_s if rollout_s > 0 else 0.0
+        self.iteration_seconds.append(row["seconds"]["iteration"])
+        eta_s = (config.iterations - updates) * float(np.mean(self.iteration_seconds))
+        self.log.iteration(row, eta_s)
 
     def _checkpoint_unsaved(self) -> None:
         """Writes a compact checkpoint if updates were made since the newest one."""
@@ -304,6 +311,7 @@ class Trainer:
             {"status": "completed" | "stopped", "signal": the number of the signal that stopped it or
             None, "updates": int, "fingerprint": str, "output_dir": str, "last_checkpoint": path or None,
             "tied_iterations": iterations of this session whose members all tied (zero updates),
+            "iterations_run": iterations this session ran,
             "final_eval": eval result or None}.
 
         Raises:
@@ -348,5 +356,6 @@ class Trainer:
             "output_dir": str(self.run_dir.root),
             "last_checkpoint": str(latest[1]) if latest else None,
             "tied_iterations": self.tied_iterations,
+            "iterations_run": len(self.iteration_seconds),
             "final_eval": final_eval,
         }
