@@ -112,7 +112,7 @@ def test_outputs_exist_parse_and_the_checkpoint_loads(reference_run, capsys):
     state = json.loads((checkpoint / "es_state.json").read_text())
     assert state["updates"] == ITERATIONS
     assert state["fingerprint"] == train_rows[-1]["fingerprint"]
-    assert state["noise"] == {"version": NOISE_VERSION, "device": "cpu"}
+    assert state["noise"] == {"version": NOISE_VERSION, "device": "cpu", "perturbation": {"mode": "full"}}
     # The checkpoint is a Hugging Face model directory holding exactly the trained weights.
     fingerprint = engine_python_code(
         "from transformers import AutoModelForCausalLM\n"
