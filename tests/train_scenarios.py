@@ -16,7 +16,6 @@ from pathlib import Path
 from driver import train
 from shared.run_layout import read_jsonl
 
-
 # Metrics that depend on the wall clock, not on the run's numbers.
 TIMING_KEYS = ("seconds", "time", "tokens_per_s")
 

@@ -31,8 +31,8 @@ from driver.engine_pool import EngineStartError
 from driver.engine_preflight import EnginePreflightError, preflight
 from driver.engine_spec import EngineSpec, default_pex_root, default_python
 from driver.reward_plot import write_reward_plot
-from driver.run_log import format_seconds
 from driver.run_lock import RunLock
+from driver.run_log import format_seconds
 from driver.run_open import open_run
 from driver.task_data import Problems
 from driver.train_config import ConfigError, TrainConfig
