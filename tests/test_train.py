@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -308,8 +309,11 @@ def test_a_run_whose_members_all_tie_says_so_once_and_keeps_its_weights(referenc
         "--sigma",
         "1e-12",
     ]
-    assert train.main([*args, "--output-dir", str(out)]) == train.EXIT_OK
-    printed = capsys.readouterr().out
+    assert train.main([*args, "--output-dir", str(out), "--progress"]) == train.EXIT_OK
+    captured = capsys.readouterr()
+    printed = captured.out
+    # --progress draws bars on a terminal only; captured output (a log file, a pipe) gets none.
+    assert not re.search(r"(iteration \d+|eval): +\d+%\|", captured.err), captured.err[-2000:]
     assert printed.count("so the update is zero") == 1, printed
     assert "(2 iterations had every member tie: zero updates)" in printed
     # The summary says how long it took and how the held-out reward moved (here: not at all).

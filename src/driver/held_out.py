@@ -37,7 +37,7 @@ def evaluate(scheduler: RolloutScheduler, config: TrainConfig, problems: Problem
     size = config.batch_size
     request = config.rollout_request()
     tasks = [(held_out[i : i + size], request) for i in range(0, len(held_out), size)]
-    with tqdm(total=len(tasks), desc="eval", leave=False, disable=not config.progress) as bar:
+    with tqdm(total=len(tasks), desc="eval", leave=False, disable=None if config.progress else True) as bar:
         results = scheduler.map(tasks, lambda task, engine: bar.update(1))
     rewards = [x for r in results for x in r.rewards]
     return {

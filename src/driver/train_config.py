@@ -164,7 +164,12 @@ class TrainConfig(EngineOptions):
     )
     samples_per_iteration: int = option(4, "sample completions written per iteration", "samples", ge=0)
     resume: bool = option(False, "continue the run in OUTPUT_DIR from its last checkpoint", resumable=True)
-    progress: bool = option(True, "show a progress bar over members", resumable=True)
+    progress: bool = option(
+        True,
+        "show a progress bar over members on a terminal (never in a log file or a pipe, where the line "
+        "per iteration is the progress)",
+        resumable=True,
+    )
 
     @field_validator("task")
     @classmethod
