@@ -286,7 +286,9 @@ class Trainer:
         config, fresh, ran = self.config, self.resume is None, False
         if fresh:
             self._evaluate()
-        with tqdm(total=config.population, leave=False, disable=None if config.progress else True, unit="member") as bar:
+        with tqdm(
+            total=config.population, leave=False, disable=None if config.progress else True, unit="member"
+        ) as bar:
             while self.strategy.iteration < config.iterations:
                 bar.reset()
                 bar.set_description(f"iteration {self.strategy.iteration}")
