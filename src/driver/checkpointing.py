@@ -37,12 +37,13 @@ from typing import Any
 
 from driver.manifest import sha256_file
 from driver.strategy import Strategy
+from shared.protocol import Perturbation
 from shared.run_layout import COMPACT, ES_STATE, EVAL, FULL, RunDir, checkpoint_files
 from shared.seeds import NOISE_VERSION
 
+# The perturbation record of full-rank members, and of checkpoints written before low-rank ones existed.
+FULL_NOISE: dict[str, Any] = Perturbation().record()
 # es_state.json keys every checkpoint has, and those a compact one adds.
-# The perturbation record of full-rank members (`shared.protocol.Perturbation().record()`).
-FULL_NOISE: dict[str, Any] = {"mode": "full"}
 REQUIRED = ("updates", "fingerprint", "strategy", "problems_digest")
 REQUIRED_COMPACT = ("anchor", "base_model", "noise")
 

@@ -237,16 +237,16 @@ class TrainConfig(EngineOptions):
         """How this run's members perturb the weights (what each engine loads with)."""
         return Perturbation(mode=self.perturbation, rank=self.rank)
 
-    def rollout_request(self, num_samples: int = 1) -> RolloutRequest:
+    def rollout_request(self) -> RolloutRequest:
         """The unperturbed request of this run's rollouts (task, prompt rendering, completion length,
-        generation batch size), returning `num_samples` samples: training sets each member on it,
-        held-out evaluation uses it as it is. The one place a RolloutRequest is built from the config."""
+        generation batch size), returning one sample: training sets each member on it, held-out
+        evaluation uses it as it is. The one place a RolloutRequest is built from the config."""
         return RolloutRequest(
             max_new_tokens=self.max_new_tokens,
             task=self.task,
             chat_template=self.chat_template,
             batch_size=self.batch_size,
-            num_samples=num_samples,
+            num_samples=1,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ Member seed s perturbs each targeted matrix W (out x in; `shared.protocol.LOWRAN
     E_s = B_s A_s^T / sqrt(r),   A_s: in x r, B_s: out x r, entries standard normal,
 
 so that E_s has unit-variance entries for any rank r (sigma keeps its meaning: W + sign * sigma * E_s).
-A_s and B_s are the engine's normal noise (`engine.torch_weights.noise_like`: on CPUs `engine.cpu_noise`,
+A_s and B_s are the engine's normal noise (`engine.torch_weights.normal_like`: on CPUs `engine.cpu_noise`,
 the same bits on every instruction set) under keys `shared.seeds.lowrank_seed(s, name, "a"/"b")`, drawn
 as r rows of `in` and of `out` elements. An update with coefficients c_s is full rank (up to N * r):
 
