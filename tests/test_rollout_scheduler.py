@@ -12,7 +12,7 @@ import ray
 
 from driver.rollout_scheduler import RolloutScheduler
 from driver.stop_request import Stopped, StopRequest
-from shared.protocol import RolloutRequest
+from shared.protocol import Member, RolloutRequest
 
 
 @ray.remote(num_cpus=0)
@@ -28,6 +28,9 @@ class Engine:
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(self.delay)
         return (self.engine_id, problems)
+
+    def evaluate_members(self, problems, request):
+        return [(self.engine_id, problems, member) for member in request.members]
 
 
 class Fleet:
@@ -59,6 +62,16 @@ def test_results_come_back_in_task_order_from_every_engine(ray_cluster):
     # The fast engine takes more tasks than the slow one: tasks go to whichever engine has a free slot.
     counts = [sum(engine == e for engine, _ in results) for e in (0, 1)]
     assert counts[0] > counts[1] > 0
+
+
+def test_a_request_with_members_goes_to_evaluate_members_and_returns_their_list(ray_cluster):
+    fleet = Fleet([Engine.remote(0), Engine.remote(1)])
+    groups = [(Member(1), Member(2)), (Member(3),)]
+    single = RolloutRequest(max_new_tokens=1, member=Member(4))
+    tasks = [*((i, RolloutRequest(max_new_tokens=1, members=g)) for i, g in enumerate(groups)), (2, single)]
+    results = RolloutScheduler(fleet).map(tasks)
+    assert [[m for _, _, m in r] for r in results[:2]] == [list(g) for g in groups]
+    assert results[2][1] == 2  # evaluate: (engine id, problems)
 
 
 def test_a_task_whose_engine_died_is_rerun_after_the_engine_is_brought_up(ray_cluster):

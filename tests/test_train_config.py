@@ -93,6 +93,26 @@ def test_engines_load_for_the_runs_device(argv, device):
     assert request.backend == ("vllm" if "vllm" in argv else "transformers")
 
 
+@pytest.mark.parametrize(
+    ("argv", "slots"),
+    [
+        ([], 0),
+        (["--perturbation", "lowrank"], 0),
+        (["--backend", "vllm"], 0),
+        (["--backend", "vllm", "--perturbation", "lowrank"], 15),
+        (["--backend", "vllm", "--perturbation", "lowrank", "--num-engines", "4"], 8),
+        (["--backend", "vllm", "--perturbation", "lowrank", "--member-batch", "5"], 5),
+        (["--backend", "vllm", "--perturbation", "lowrank", "--member-batch", "1"], 0),
+    ],
+)
+def test_low_rank_members_on_vllm_are_batched_as_lora_adapters(argv, slots):
+    """An engine's LoRA member slots: its share of the population (30 members over the engines, rounded
+    up) unless --member-batch says otherwise; none where members run one at a time."""
+    config = parse(*argv)
+    assert config.member_slots() == slots
+    assert load_request(config, Anchor(0, "/models/m")).vllm.member_slots == slots
+
+
 def test_file_then_command_line(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('population = 8\nsigma = 0.5\nengine_resources = { TPU = 4 }\ndataset = "generated"\n')
@@ -140,9 +160,15 @@ def test_file_then_command_line(tmp_path):
         (["--backend", "vllm", "--emulate-tpu", "--restore-mode", "device"], "an emulated TPU uses master"),
         (["--train-size", "4", "--prompts-per-member", "8"], "--train-size: must be >= --prompts-per-member"),
         (
-            ["--perturbation", "lowrank", "--backend", "vllm"],
-            "--perturbation: lowrank runs on the transformers",
+            ["--perturbation", "lowrank", "--backend", "vllm", "--emulate-tpu"],
+            "--perturbation: lowrank is not on the TPU engine",
         ),
+        (
+            ["--perturbation", "lowrank", "--backend", "vllm", "--tensor-parallel-size", "2"],
+            "--member-batch: LoRA member batches need --tensor-parallel-size 1",
+        ),
+        (["--member-batch", "4"], "--member-batch: only with --perturbation lowrank on vLLM"),
+        (["--member-batch", "-1"], "--member-batch: must be >= 0"),
         (["--perturbation", "lowrank", "--restore-mode", "subtract"], "--restore-mode: subtract is not for"),
         (["--perturbation", "lowrank", "--rank", "0"], "--rank: must be > 0"),
     ],

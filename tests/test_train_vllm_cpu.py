@@ -14,6 +14,7 @@ import pytest
 from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 from locked import locked
 from train_scenarios import (
+    assert_same_metrics,
     assert_weights_follow_the_updates,
     ctrl_c_then_resume,
     killed_engine_restarts,
@@ -93,6 +94,19 @@ def test_outputs_exist_and_the_checkpoint_loads_in_transformers_and_vllm(referen
         "backend.close()"
     )
     assert fingerprint == state["fingerprint"]
+
+
+def test_lowrank_members_batched_as_lora_adapters_train_as_members_merged_alone(ray_cluster, tmp_path):
+    """`--perturbation lowrank` on vLLM engines: each engine scores its share of the population (2 of 4
+    members) in one batch of LoRA adapters. The same run with `--member-batch 1` merges each member into
+    the weights alone; in fp32 both runs score the same rewards and end with the same weights."""
+    lowrank = [*COMMON, "--perturbation", "lowrank", "--sigma", "0.05", "--eval-every", "0"]
+    batched = uninterrupted_run(lowrank, 2, tmp_path / "batched")
+    merged = uninterrupted_run([*lowrank, "--member-batch", "1"], 2, tmp_path / "merged")
+    assert_same_metrics(merged, batched)
+    assert_weights_follow_the_updates(batched)
+    state = json.loads((sorted((batched / "checkpoints").iterdir())[-1] / "es_state.json").read_text())
+    assert state["noise"]["perturbation"]["mode"] == "lowrank"
 
 
 def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(reference_run, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from engine_pex_root import ENGINE_PEX_ROOT, run_engine_pex
 
 from driver.engine_pool import EnginePool, EngineSpec
 from shared.countdown import CountdownProblem, make_prompt
-from shared.protocol import LoadRequest, Member, RolloutRequest, VLLMOptions
+from shared.protocol import LoadRequest, Member, Perturbation, RolloutRequest, VLLMOptions
 
 ENGINE_PEX = Path("src.engine/engine-cpu.pex")
 PEX_ROOT = ENGINE_PEX_ROOT
@@ -54,8 +55,14 @@ def _call(pool, index, method, *args, **kwargs):
     return ray.get(getattr(pool.handles[index], method).remote(*args, **kwargs))
 
 
-def _load(pool, index, model_dir, vllm=False):
-    request = LoadRequest(model_dir, backend="vllm" if vllm else "transformers", dtype="float32", vllm=VLLM)
+def _load(pool, index, model_dir, vllm=False, perturbation=None, member_slots=0):
+    request = LoadRequest(
+        model_dir,
+        backend="vllm" if vllm else "transformers",
+        dtype="float32",
+        vllm=replace(VLLM, member_slots=member_slots),
+        perturbation=perturbation or Perturbation(),
+    )
     return _call(pool, index, "load_model", request)
 
 
@@ -97,6 +104,47 @@ def test_vllm_engine_matches_the_transformers_backend_bit_for_bit(pool, tiny_mod
     assert vllm_master.keys() == hf_master.keys()
     for name, values in hf_master.items():
         assert np.array_equal(vllm_master[name], values), name
+
+
+def _completions(result):
+    return [s.completion for s in result.samples]
+
+
+def test_lowrank_members_in_one_lora_batch_equal_each_member_merged_alone(pool, tiny_model):
+    """Engine 0 scores low-rank members as LoRA adapters in one batch; engine 1 (vLLM) and engine 2
+    (transformers) merge each member into the weights alone. fp32, tiny model, rank 1 and 2 (which vLLM
+    holds in slots of rank 8: the rest of each slot must stay zero)."""
+    for rank in (1, 2):
+        lowrank = Perturbation("lowrank", rank=rank)
+        # sigma 0.05: 2.5x the tiny model's weight scale, so that members change greedy completions.
+        members = (Member(11, 1, 0.05), Member(11, -1, 0.05), Member(12, 1, 0.05))
+        _load(pool, 0, tiny_model, vllm=True, perturbation=lowrank, member_slots=4)
+        _load(pool, 1, tiny_model, vllm=True, perturbation=lowrank)
+        _load(pool, 2, tiny_model, perturbation=lowrank)
+        base = _evaluate(pool, 2, 16)
+        request = RolloutRequest(16, members=members, num_samples=4)
+        batch = _call(pool, 0, "evaluate_members", PROBLEMS, request)
+        assert len(batch) == len(members)
+        for member, in_batch in zip(members, batch, strict=True):
+            merged_vllm, merged_hf = _evaluate(pool, 1, 16, member), _evaluate(pool, 2, 16, member)
+            assert _completions(in_batch) == _completions(merged_vllm) == _completions(merged_hf), member
+            assert in_batch.rewards == merged_hf.rewards
+        assert any(_completions(r) != _completions(base) for r in batch)  # the members do perturb
+        assert _completions(batch[0]) != _completions(batch[1])  # antithetic: a different model
+        # A request without a member, while the adapters are loaded, is the base model (the -1 trap).
+        assert _completions(_evaluate(pool, 0, 16)) == _completions(base)
+        # Fewer members than slots: the others are zeroed, the results unchanged.
+        again = _call(pool, 0, "evaluate_members", PROBLEMS, replace(request, members=members[2:]))
+        assert _completions(again[0]) == _completions(batch[2])
+
+        # The low-rank update: the same fp32 master on both vLLM engines (LoRA or not) and in transformers.
+        pairs = [[7, 0.01], [8, -0.02], [9, 0.005]]
+        assert _call(pool, 0, "apply_update", pairs) == _call(pool, 1, "apply_update", pairs)
+        _call(pool, 2, "apply_update", pairs)
+        lora_master, hf_master = _call(pool, 0, "export_master"), _call(pool, 2, "export_master")
+        for name, values in hf_master.items():
+            assert np.array_equal(lora_master[name], values), name
+        assert _completions(_evaluate(pool, 0, 16)) == _completions(_evaluate(pool, 2, 16))
 
 
 def test_two_vllm_engines_agree_and_a_resync_moves_the_master(pool, tiny_model):

@@ -57,6 +57,7 @@ def load_request(config: TrainConfig, anchor: Anchor) -> LoadRequest:
             cpu_kv_cache_gib=config.cpu_kv_cache_gib,
             cpu_linear=config.cpu_linear,
             emulate_tpu=config.emulate_tpu,
+            member_slots=config.member_slots(),
         ),
         perturbation=config.perturbation_spec(),
     )

@@ -29,7 +29,8 @@ IN_FLIGHT = 2
 # Seconds between checks for a stop request while waiting on engines.
 POLL_S = 0.1
 
-# A rollout task: (problems or their ObjectRef, request), as `shared.protocol.Engine.evaluate` takes them.
+# A rollout task: (problems or their ObjectRef, request), as `shared.protocol.Engine.evaluate` takes them;
+# a request with `members` goes to `Engine.evaluate_members`, and its result is a list (one per member).
 Task = tuple[Any, RolloutRequest]
 
 
@@ -82,14 +83,15 @@ class RolloutScheduler:
             engine, task = self._free.popleft(), self._queue.popleft()
             problems, request = self._tasks[task]
             handle = self.fleet.handles[engine]
-            self._pending[handle.evaluate.remote(problems, request)] = (task, engine, handle)
+            method = handle.evaluate_members if request.members else handle.evaluate
+            self._pending[method.remote(problems, request)] = (task, engine, handle)
 
     def _must_stop(self) -> bool:
         if self.stop is None or not self.stop.requested:
             return False
         return not (self._finish_on_stop and self.stop.fits(self._done, len(self._tasks), self._started))
 
-    def get_next_unordered(self) -> tuple[int, int, RolloutResult]:
+    def get_next_unordered(self) -> tuple[int, int, RolloutResult | list[RolloutResult]]:
         """Waits for the next finished rollout, in any order: (task index, engine index, result).
 
         Raises:
@@ -122,7 +124,7 @@ class RolloutScheduler:
         tasks: list[Task],
         on_done: Callable[[int, int], None] | None = None,
         finish_on_stop: bool = False,
-    ) -> list[RolloutResult]:
+    ) -> list[RolloutResult | list[RolloutResult]]:
         """Runs `tasks` and returns their results in task order.
 
         Args:
@@ -137,7 +139,7 @@ class RolloutScheduler:
         self._reset(finish_on_stop)
         for problems, request in tasks:
             self.submit(problems, request)
-        results: list[RolloutResult | None] = [None] * len(tasks)
+        results: list[RolloutResult | list[RolloutResult] | None] = [None] * len(tasks)
         while self.has_next():
             task, engine, result = self.get_next_unordered()
             results[task] = result

@@ -66,9 +66,19 @@ class TrainConfig(EngineOptions):
     perturbation: Literal[PERTURBATIONS] = option(
         "full",
         "member noise: full (the paper's: every parameter) or lowrank (EGGROLL: B A^T / sqrt(rank) on the "
-        "attention and MLP matrices, the rest frozen; transformers backend only so far)",
+        "attention and MLP matrices, the rest frozen; on vLLM engines the members run as LoRA adapters, "
+        "an engine's share of the population in one batch)",
     )
     rank: int = option(1, "rank r of each member's low-rank noise (--perturbation lowrank)", "rank", gt=0)
+    member_batch: int = option(
+        0,
+        "low-rank members a vLLM engine scores in one batch, as LoRA adapters (--perturbation lowrank "
+        "--backend vllm): 0 = its whole share of the population (population / engines, rounded up); 1 = "
+        "one at a time, merged into the weights (no LoRA)",
+        "members",
+        resumable=True,
+        ge=0,
+    )
     iterations: int = option(20, "ES iterations (updates) in total", "iterations", resumable=True, gt=0)
     # Rollouts.
     prompts_per_member: int = option(16, "problems each member is scored on per iteration", "prompts", gt=0)
@@ -198,13 +208,22 @@ class TrainConfig(EngineOptions):
         if self.antithetic and self.population % 2:
             raise ConfigError(f"--population: must be even with --antithetic, got {self.population}")
         if self.perturbation == "lowrank":
-            if self.backend == "vllm":
+            if self.emulate_tpu:
                 raise ConfigError(
-                    "--perturbation: lowrank runs on the transformers backend so far (--backend cpu or "
-                    "cuda); vLLM engines run full"
+                    "--perturbation: lowrank is not on the TPU engine yet (its JAX workers run full); vLLM's "
+                    "CPU and CUDA engines and the transformers backend run it"
                 )
             if self.restore_mode == "subtract":
                 raise ConfigError("--restore-mode: subtract is not for --perturbation lowrank (use master)")
+            if self.member_slots() and self.tensor_parallel_size != 1:
+                raise ConfigError(
+                    "--member-batch: LoRA member batches need --tensor-parallel-size 1 (or --member-batch 1, "
+                    f"one member at a time), got {self.tensor_parallel_size}"
+                )
+        if self.member_batch and not (self.perturbation == "lowrank" and self.backend == "vllm"):
+            raise ConfigError(
+                "--member-batch: only with --perturbation lowrank on vLLM engines (--backend vllm)"
+            )
         if self.task != CountdownTask.name:
             if self.dataset != "generated":
                 raise ConfigError(
@@ -236,6 +255,14 @@ class TrainConfig(EngineOptions):
     def perturbation_spec(self) -> Perturbation:
         """How this run's members perturb the weights (what each engine loads with)."""
         return Perturbation(mode=self.perturbation, rank=self.rank)
+
+    def member_slots(self) -> int:
+        """Low-rank members one vLLM engine scores in one batch (its LoRA member slots): `member_batch`,
+        or with 0 the population split over the engines (rounded up); 0 where members run one at a time
+        (full-rank members, the transformers backend, or `member_batch` 1)."""
+        if self.perturbation != "lowrank" or self.backend != "vllm" or self.member_batch == 1:
+            return 0
+        return self.member_batch or -(-self.population // self.num_engines)
 
     def rollout_request(self) -> RolloutRequest:
         """The unperturbed request of this run's rollouts (task, prompt rendering, completion length,

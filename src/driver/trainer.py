@@ -48,7 +48,7 @@ from shared.tasks import mean_components
 # task's format and always doing so, where perturbed members' rewards differ (40: never, 80: always).
 TINY_WARM_START_STEPS = 55
 
-# Called after each member result: (trainer, iteration, member index, engine index).
+# Called after each rollout result: (trainer, iteration, task index (the member, or its batch), engine index).
 MemberHook = Callable[["Trainer", int, int, int], None]
 
 
@@ -62,8 +62,9 @@ class Trainer:
         problems: the dataset, from `load_problems`.
         resume: the checkpoint to go on from when resuming (from `open_run`), else None.
         argv: the command line, recorded in the manifest.
-        on_member_done: optional hook after each member result (tests use it to inject faults; the
-            engine actors are `trainer.pool.handles`).
+        on_member_done: optional hook after each rollout result, a member's or (low-rank members on vLLM)
+            a batch of members' (tests use it to inject faults; the engine actors are
+            `trainer.pool.handles`).
     """
 
     def __init__(
@@ -119,15 +120,23 @@ class Trainer:
         members = self.strategy.ask()
         batch = ray.put(prompt_batch(self.problems.train, config.seed, k, config.prompts_per_member))
         request = config.rollout_request()
-        tasks = [(batch, replace(request, member=Member(m.seed, m.sign, config.sigma))) for m in members]
+        scored = [Member(m.seed, m.sign, config.sigma) for m in members]
+        slots = config.member_slots()
+        if slots:
+            # Low-rank members on vLLM: an engine scores `slots` members in one batch (LoRA adapters).
+            groups = [tuple(scored[i : i + slots]) for i in range(0, len(scored), slots)]
+            tasks = [(batch, replace(request, members=group)) for group in groups]
+        else:
+            tasks = [(batch, replace(request, member=member)) for member in scored]
         started = time.perf_counter()
 
         def on_done(task: int, engine: int) -> None:
-            bar.update(1)
+            bar.update(len(tasks[task][1].members) or 1)
             if self.on_member_done is not None:
                 self.on_member_done(self, k, task, engine)
 
-        results = self.scheduler.map(tasks, on_done, finish_on_stop=True)
+        done = self.scheduler.map(tasks, on_done, finish_on_stop=True)
+        results = [r for result in done for r in (result if isinstance(result, list) else [result])]
         rollout_s = time.perf_counter() - started
         rewards = np.array([np.mean(r.rewards) for r in results])
         if rewards.min() == rewards.max():

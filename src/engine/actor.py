@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,34 +139,23 @@ class EngineActor:
             raise RuntimeError(f"engine {self.engine_id}: no model loaded; call load_model first")
         return self.backend
 
-    def evaluate(self, problems: list[Any], request: RolloutRequest) -> RolloutResult:
-        """Scores the model on `problems` of `request.task`, perturbed by `request.member` if given.
-
-        Renders the prompts (through the chat template if `request.chat_template`), perturbs in place,
-        generates greedily, restores the weights (also when generation fails), and scores each completion
-        with the task's reward.
-
-        Raises:
-            shared.tasks.TaskError: the task cannot be loaded in this engine PEX.
-        """
-        backend = self._model()
-        task = load_task(request.task)
+    def _prompts(
+        self, backend: Backend, task: Any, problems: list[Any], request: RolloutRequest
+    ) -> list[str]:
         prompts = [task.prompt(p) for p in problems]
-        if request.chat_template:
-            prompts = backend.chat_prompts(prompts)
-        member = request.member
-        start = time.perf_counter()
-        if member is not None:
-            backend.perturb(member.seed, member.sigma, member.sign)
-        perturb_s = time.perf_counter() - start
-        try:
-            start = time.perf_counter()
-            completions = backend.generate(prompts, request.max_new_tokens, request.batch_size)
-            generate_s = time.perf_counter() - start
-        finally:
-            start = time.perf_counter()
-            backend.restore()
-            restore_s = time.perf_counter() - start
+        return backend.chat_prompts(prompts) if request.chat_template else prompts
+
+    @staticmethod
+    def _scored(
+        task: Any,
+        problems: list[Any],
+        completions: list[Any],
+        request: RolloutRequest,
+        perturb_s: float,
+        generate_s: float,
+        restore_s: float,
+    ) -> RolloutResult:
+        """The `RolloutResult` of `completions` (one per problem), scored with the task's reward."""
         start = time.perf_counter()
         scored = [task.reward(p, c.text, c.finished) for p, c in zip(problems, completions, strict=True)]
         score_s = time.perf_counter() - start
@@ -179,6 +169,59 @@ class EngineActor:
             ],
             seconds=RolloutSeconds(perturb=perturb_s, generate=generate_s, restore=restore_s, score=score_s),
         )
+
+    def evaluate(self, problems: list[Any], request: RolloutRequest) -> RolloutResult:
+        """Scores the model on `problems` of `request.task`, perturbed by `request.member` if given.
+
+        Renders the prompts (through the chat template if `request.chat_template`), perturbs in place,
+        generates greedily, restores the weights (also when generation fails), and scores each completion
+        with the task's reward.
+
+        Raises:
+            shared.tasks.TaskError: the task cannot be loaded in this engine PEX.
+            ValueError: the request carries `members` (`evaluate_members` takes those).
+        """
+        if request.members:
+            raise ValueError("a request with members goes to evaluate_members")
+        backend = self._model()
+        task = load_task(request.task)
+        prompts = self._prompts(backend, task, problems, request)
+        member = request.member
+        start = time.perf_counter()
+        if member is not None:
+            backend.perturb(member.seed, member.sigma, member.sign)
+        perturb_s = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            completions = backend.generate(prompts, request.max_new_tokens, request.batch_size)
+            generate_s = time.perf_counter() - start
+        finally:
+            start = time.perf_counter()
+            backend.restore()
+            restore_s = time.perf_counter() - start
+        return self._scored(task, problems, completions, request, perturb_s, generate_s, restore_s)
+
+    def evaluate_members(self, problems: list[Any], request: RolloutRequest) -> list[RolloutResult]:
+        """Scores each of `request.members` on `problems`; one result per member, in order.
+
+        A backend with member slots (`engine.vllm_backend.VLLMBackend` with LoRA member adapters)
+        generates every member's completions in one batch, and each result's phase seconds are the batch's
+        shared evenly (so that they still add up to the engine's time); any other backend scores the
+        members one at a time with `evaluate`.
+
+        Raises:
+            as `evaluate`; ValueError: more members than the backend's slots.
+        """
+        backend = self._model()
+        members = list(request.members)
+        if not getattr(backend, "member_slots", 0):
+            return [self.evaluate(problems, replace(request, members=(), member=m)) for m in members]
+        task = load_task(request.task)
+        prompts = self._prompts(backend, task, problems, request)
+        start = time.perf_counter()
+        per_member = backend.generate_members(prompts, members, request.max_new_tokens)
+        generate_s = (time.perf_counter() - start) / max(len(members), 1)
+        return [self._scored(task, problems, c, request, 0.0, generate_s, 0.0) for c in per_member]
 
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         """Applies an ES update ((seed, coefficient) pairs); returns the new weights' fingerprint. The

@@ -22,6 +22,7 @@ replay. Its cost is 2 * r * N * out * in float32 operations per matrix and updat
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -79,40 +80,71 @@ class LowRankWeights(TorchWeights):
     """`TorchWeights` whose members and updates are low-rank on the targeted matrices (`is_target`), the
     rest frozen: perturb writes round(master + sign * sigma * E_seed) into each target, restore copies the
     target back (from the fp32 master or the device copy: exact), an update adds sum_s c_s E_s to the
-    fp32 master. Used one member at a time by the transformers backend (and as the reference of the
-    batched vLLM path, where members are LoRA adapters instead).
+    fp32 master. Used one member at a time by the transformers backend and by vLLM workers without LoRA
+    (and as the reference of the batched vLLM path, where members are LoRA adapters instead).
 
     Args:
         model: the module whose targeted parameters ES changes.
         restore_mode: "master" or "device" (see `TorchWeights`).
         rank: r of E = B A^T / sqrt(r).
+        noise_slices: for a vLLM worker's fused parameters, parameter name -> [(checkpoint name, offset,
+            count)] (`engine.vllm_layout.HFLayout.slices`): each targeted checkpoint matrix is the
+            contiguous flat range [offset, offset + count) of the parameter, and gets the noise of its
+            checkpoint name and shape (so q/k/v fused into qkv_proj get the same E as the transformers
+            backend's q_proj, k_proj, v_proj). None: every parameter is its own checkpoint tensor.
+        shapes: with `noise_slices`, checkpoint name -> shape (`HFLayout.shapes`).
 
     Raises:
         ValueError: restore_mode "subtract" (low-rank restores are copies), rank < 1, or a model with no
             targeted matrix.
     """
 
-    def __init__(self, model: torch.nn.Module, restore_mode: str = "master", rank: int = 1) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        restore_mode: str = "master",
+        rank: int = 1,
+        noise_slices: Mapping[str, list[tuple[str, int, int]]] | None = None,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
         if restore_mode == "subtract":
             raise ValueError("restore_mode subtract: low-rank members restore by copy (master or device)")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         super().__init__(model, restore_mode=restore_mode)
         self.rank = rank
-        self.targets = [name for name, p in self.params.items() if is_target(name, tuple(p.shape))]
+        # Parameter name -> its targeted matrices [(checkpoint name, offset, count, (out, in))].
+        self.parts: dict[str, list[tuple[str, int, int, tuple[int, int]]]] = {}
+        if noise_slices is None:
+            for name, p in self.params.items():
+                if is_target(name, tuple(p.shape)):
+                    self.parts[name] = [(name, 0, p.numel(), tuple(p.shape))]
+        else:
+            shapes = shapes or {}
+            for name, placed in sorted(noise_slices.items()):
+                parts = [
+                    (source, offset, count, tuple(shapes[source]))
+                    for source, offset, count in placed
+                    if is_target(source, tuple(shapes[source]))
+                ]
+                if parts:
+                    self.parts[name] = parts
+        self.targets = list(self.parts)
         if not self.targets:
             raise ValueError(f"no parameter of the model is a low-rank target ({', '.join(LOWRANK_TARGETS)})")
 
     @property
     def es_names(self) -> list[str]:
-        """The targeted matrices (`is_target`), in name order; the rest stays frozen."""
+        """The parameters holding targeted matrices, in name order; the rest stays frozen."""
         return self.targets
 
     def _perturb_one(self, name: str, p: torch.Tensor, seed: int, scale: float) -> None:
         """W <- round(master + scale * E_seed): from the fp32 master, rounded once to W's dtype."""
         value = self.master[name].to(device=p.device, copy=True)
-        add_lowrank(value, name, [(seed, scale)], self.rank)
+        self._add_terms(value, name, [(seed, scale)])
         p.copy_(value)
 
     def _add_terms(self, target: torch.Tensor, name: str, terms: list[tuple[int, float]]) -> None:
-        add_lowrank(target, name, terms, self.rank)
+        flat = target.view(-1)
+        for source, offset, count, shape in self.parts[name]:
+            add_lowrank(flat[offset : offset + count].view(shape), source, terms, self.rank)

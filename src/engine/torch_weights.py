@@ -248,11 +248,14 @@ class TorchWeights:
     def fingerprint(self) -> str:
         """SHA-256 (hex) over every parameter's name, dtype, shape and raw bytes, in name order.
 
-        Equal on two engines exactly when their weights are bit-identical (up to hash collisions). Costs
-        one device-to-host copy of the weights, one parameter at a time.
+        Equal on two engines exactly when their weights are bit-identical (up to hash collisions), with or
+        without vLLM's LoRA layers around them. Costs one device-to-host copy of the weights, one
+        parameter at a time.
         """
         digest = hashlib.sha256()
-        for name, p in self.params.items():
+        # vLLM's LoRA layers wrap a linear layer as `base_layer`: the same weights, named as without.
+        plain = {name.replace(".base_layer.", "."): p for name, p in self.params.items()}
+        for name, p in sorted(plain.items()):
             data = p.detach().reshape(-1).contiguous().cpu()
             digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
             digest.update(data.view(torch.uint8).numpy().tobytes())

@@ -27,7 +27,7 @@ from typing import Any
 from engine.backend import Completion, chat_prompt
 from engine.hf_backend import use_deterministic_cublas
 from engine.model_dir import write_model_dir
-from shared.protocol import CheckpointResult, LoadRequest
+from shared.protocol import CheckpointResult, LoadRequest, Member
 from shared.run_layout import MASTER, CheckpointFiles, atomic_dir
 
 # The start-up probe of `VLLMBackend.check_perturbation_reaches_logits`: a short prompt, a few greedy
@@ -61,8 +61,9 @@ def worker_extension(is_tpu: bool, is_cpu: bool = False) -> str:
     return f"{extension.__module__}.{extension.__qualname__}"
 
 
-def sampling_params(max_new_tokens: int) -> Any:
-    """Greedy `vllm.SamplingParams` for `max_new_tokens` tokens (the paper decodes greedily).
+def sampling_params(max_new_tokens: int, ignore_eos: bool = False) -> Any:
+    """Greedy `vllm.SamplingParams` for `max_new_tokens` tokens (the paper decodes greedily); with
+    `ignore_eos`, exactly that many (benchmarks: every configuration generates the same tokens).
 
     Raises:
         ValueError: max_new_tokens < 1.
@@ -71,7 +72,9 @@ def sampling_params(max_new_tokens: int) -> Any:
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    return SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+    return SamplingParams(
+        temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True, ignore_eos=ignore_eos
+    )
 
 
 class VLLMBackend:
@@ -105,6 +108,12 @@ class VLLMBackend:
             `tensor_parallel_size` > 1 on GPUs the workers are processes of this one
             (`distributed_executor_backend="mp"`) on the GPUs Ray gave the engine actor, unless given.
         check: run `check_perturbation_reaches_logits` once at start-up (three short generations).
+        rank: 0 for the paper's full-rank members; r > 0 for low-rank members (`engine.lowrank`, on the
+            `LOWRANK_TARGETS` matrices, the rest frozen), merged into the weights one at a time by
+            `perturb`, and as LoRA adapters by `generate_members` when `member_slots` > 0. Torch workers
+            only (CUDA and CPU engines).
+        member_slots: LoRA adapter slots of low-rank members scored in one batch (`engine.vllm_lora`;
+            needs rank > 0 and tensor_parallel_size 1); 0: LoRA off.
         llm: an already built `vllm.LLM` whose `worker_extension_cls` is `worker_extension(...)` (or an
             object with its `collective_rpc` and `generate`, as the tests use); the other vLLM settings
             are then ignored.
@@ -120,6 +129,7 @@ class VLLMBackend:
             is empty or not what the forward pass computes from (named).
         engine.tpu_emulation.EmulationError: `emulate_tpu` where it cannot run (a TPU, no tpu-inference,
             or vLLM not on its TPU platform).
+        engine.vllm_lora.AdapterError: the member slots could not be set up.
         PerturbationError: from the start-up check.
     """
 
@@ -136,11 +146,24 @@ class VLLMBackend:
         cpu_linear: str = "read",
         emulate_tpu: bool = False,
         check: bool = True,
+        rank: int = 0,
+        member_slots: int = 0,
         llm: Any = None,
         **llm_kwargs: Any,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.dtype = dtype
+        self.member_slots = member_slots
+        if member_slots > 0:
+            from engine.vllm_lora import llm_kwargs as lora_kwargs
+
+            if rank < 1:
+                raise ValueError("member_slots: LoRA member slots are for low-rank members (rank >= 1)")
+            if tensor_parallel_size != 1:
+                raise ValueError(
+                    f"member_slots: LoRA member slots need tensor_parallel_size 1, got {tensor_parallel_size}"
+                )
+            llm_kwargs = {**lora_kwargs(member_slots, rank), **llm_kwargs}
         self.llm = (
             llm
             if llm is not None
@@ -156,7 +179,10 @@ class VLLMBackend:
                 llm_kwargs,
             )
         )
-        self.workers = self.llm.collective_rpc("es_setup", kwargs={"restore_mode": restore_mode})
+        setup: dict[str, Any] = {"restore_mode": restore_mode}
+        if rank > 0:
+            setup.update(rank=rank, member_slots=member_slots)
+        self.workers = self.llm.collective_rpc("es_setup", kwargs=setup)
         self.checkpoint_layout = all(worker["layout"] == "checkpoint" for worker in self.workers)
         # Torch workers each hold a shard (joined by `merge_parts`); a JAX worker holds every array.
         self._sharded = self.workers[0].get("sharded", True)
@@ -170,18 +196,23 @@ class VLLMBackend:
         pass a stand-in `llm`).
 
         Raises:
-            ValueError: a low-rank perturbation (not on vLLM yet: the transformers backend runs it).
+            ValueError: a low-rank perturbation on the TPU engine (its JAX workers run full-rank members
+                only), or member slots without it.
         """
-        if request.perturbation.mode != "full":
+        lowrank = request.perturbation.mode == "lowrank"
+        if lowrank and request.vllm.emulate_tpu:
             raise ValueError(
-                f"perturbation {request.perturbation.mode}: not on the vLLM backend yet; the transformers "
-                "backend (--backend cpu or cuda) runs it"
+                "perturbation lowrank: not on the TPU engine (JAX workers) yet; vLLM's CUDA and CPU engines "
+                "and the transformers backend run it"
             )
+        if request.vllm.member_slots and not lowrank:
+            raise ValueError("member_slots: LoRA member slots are for --perturbation lowrank")
         backend = cls(
             request.model_dir,
             dtype=request.dtype,
             restore_mode=request.restore_mode,
             deterministic=request.deterministic,
+            rank=request.perturbation.rank if lowrank else 0,
             **asdict(request.vllm),
             **kwargs,
         )
@@ -321,15 +352,38 @@ class VLLMBackend:
             ValueError: max_new_tokens < 1.
         """
         outputs = self.llm.generate(prompts, sampling_params(max_new_tokens), use_tqdm=False)
-        completions = []
-        for output in outputs:
-            best = output.outputs[0]
-            completions.append(
-                Completion(
-                    text=best.text, num_tokens=len(best.token_ids), finished=best.finish_reason == "stop"
-                )
-            )
-        return completions
+        return [_completion(output) for output in outputs]
+
+    def generate_members(
+        self, prompts: list[str], members: list[Member], max_new_tokens: int, ignore_eos: bool = False
+    ) -> list[list[Completion]]:
+        """Greedy completions of `prompts` under each low-rank member, all in one `generate` call: member j
+        is written into LoRA slot j (`engine.vllm_lora`) and every copy of the prompts carries its
+        adapter. Returns one list of completions per member, in order (`ignore_eos`: see
+        `sampling_params`).
+
+        Raises:
+            ValueError: no member slots, more members than slots, members of different sigma, or
+                max_new_tokens < 1.
+        """
+        from engine.vllm_lora import adapter_request
+
+        if not members:
+            return []
+        if len(members) > self.member_slots:
+            raise ValueError(f"{len(members)} members, but this engine has {self.member_slots} member slots")
+        sigmas = {m.sigma for m in members}
+        if len(sigmas) != 1:
+            raise ValueError(f"members of one batch share sigma, got {sorted(sigmas)}")
+        self.llm.collective_rpc("es_set_members", args=([(m.seed, m.sign) for m in members], sigmas.pop()))
+        outputs = self.llm.generate(
+            prompts * len(members),
+            sampling_params(max_new_tokens, ignore_eos),
+            lora_request=[adapter_request(j) for j in range(len(members)) for _ in prompts],
+            use_tqdm=False,
+        )
+        completions = [_completion(output) for output in outputs]
+        return [completions[j * len(prompts) : (j + 1) * len(prompts)] for j in range(len(members))]
 
     def chat_prompts(self, prompts: list[str]) -> list[str]:
         """Each prompt in the chat template of vLLM's tokenizer (`engine.backend.chat_prompt`)."""
@@ -397,6 +451,12 @@ class VLLMBackend:
         """`load_master` from a safetensors file every worker can read (a checkpoint's
         master.safetensors); returns `fingerprint()`."""
         return combine(self.llm.collective_rpc("es_load_master", args=(str(path),)))
+
+
+def _completion(output: Any) -> Completion:
+    """The `Completion` of a `vllm.RequestOutput` (its first, greedy, output)."""
+    best = output.outputs[0]
+    return Completion(text=best.text, num_tokens=len(best.token_ids), finished=best.finish_reason == "stop")
 
 
 def combine(fingerprints: list[str]) -> str:

@@ -52,10 +52,15 @@ class TorchWorkerExtension:
     def _es_model(self) -> Any:
         return self.model_runner.get_model()
 
-    def es_setup(self, restore_mode: str = "master") -> dict[str, Any]:
+    def es_setup(self, restore_mode: str = "master", rank: int = 0, member_slots: int = 0) -> dict[str, Any]:
         """Wraps this rank's parameters in `TorchWeights`, with the noise of the checkpoint's tensors
         (`engine.vllm_layout.HFLayout` over the model directory vLLM loaded). Call once after the `LLM`
         is built.
+
+        With `rank` > 0 members are low-rank (`engine.lowrank.LowRankWeights` over the same layout:
+        merged into the weights one at a time, and the update); with `member_slots` > 0 too, the `LLM`
+        was built with `engine.vllm_lora.llm_kwargs(member_slots, rank)` and members also run as LoRA
+        adapters (`engine.vllm_lora.MemberAdapters`, `es_set_members`).
 
         Returns:
             {"layout": "checkpoint" (the master's), "rank": int, "world_size": int (tensor-parallel),
@@ -90,9 +95,30 @@ class TorchWorkerExtension:
             check_linear_reads_weights(model)
             self._es_repack = installed_mode() == "repack"
         self._es_layout = HFLayout(model, checkpoint_shapes(self.model_config.model))
-        self._es_weights = TorchWeights(
-            model, restore_mode=restore_mode, noise=self._es_layout.noise, noise_slices=self._es_layout.slices
-        )
+        if rank > 0:
+            from engine.lowrank import LowRankWeights
+
+            self._es_weights = LowRankWeights(
+                model,
+                restore_mode=restore_mode,
+                rank=rank,
+                noise_slices=self._es_layout.slices,
+                shapes=self._es_layout.shapes,
+            )
+        else:
+            self._es_weights = TorchWeights(
+                model,
+                restore_mode=restore_mode,
+                noise=self._es_layout.noise,
+                noise_slices=self._es_layout.slices,
+            )
+        self._es_adapters = None
+        if member_slots > 0:
+            from engine.vllm_lora import MemberAdapters
+
+            self._es_adapters = MemberAdapters(
+                self.model_runner, model, self._es_layout.slices, self._es_layout.shapes, member_slots, rank
+            )
         return {
             "layout": "checkpoint",
             "cpu_linear": _cpu_linear_mode(),
@@ -113,6 +139,17 @@ class TorchWorkerExtension:
         """`TorchWeights.perturb` on this rank's parameters."""
         self._es_weights.perturb(seed, sigma, sign)
         self._es_changed()
+
+    def es_set_members(self, members: list[tuple[int, int]], sigma: float) -> None:
+        """Writes low-rank members ((seed, sign) pairs, at `sigma`) into the LoRA slots 0.. in order
+        (`engine.vllm_lora.MemberAdapters.set_members`).
+
+        Raises:
+            RuntimeError: the engine has no member slots. ValueError: more members than slots.
+        """
+        if self._es_adapters is None:
+            raise RuntimeError("this engine has no LoRA member slots (VLLMOptions.member_slots is 0)")
+        self._es_adapters.set_members([(int(seed), int(sign)) for seed, sign in members], sigma)
 
     def es_restore(self) -> None:
         """`TorchWeights.restore` on this rank's parameters."""
@@ -180,9 +217,10 @@ class JaxWorkerExtension:
         runner.state = self._es_weights.params
         runner.refresh_state_leaves()
 
-    def es_setup(self, restore_mode: str = "master") -> dict[str, Any]:
+    def es_setup(self, restore_mode: str = "master", rank: int = 0, member_slots: int = 0) -> dict[str, Any]:
         """Wraps the runner's weights in `JaxWeights`, and maps them onto the checkpoint vLLM loaded
         (`engine.jax_layout.JaxLayout`, checked bit for bit). Call once after the `LLM` is built.
+        Full-rank members only (`rank` and `member_slots` must be 0).
 
         Returns:
             {"layout": "checkpoint" (the master's, as `es_master` writes it), "sharded": False (one
@@ -191,7 +229,13 @@ class JaxWorkerExtension:
 
         Raises:
             engine.vllm_layout.LayoutError: the runner's weights do not map onto the checkpoint (named).
+            ValueError: low-rank members (rank > 0) or member slots, which JAX workers do not run.
         """
+        if rank or member_slots:
+            raise ValueError(
+                "perturbation lowrank: the TPU engine's JAX workers run full-rank members only; vLLM's CUDA "
+                "and CPU engines and the transformers backend run low-rank ones"
+            )
         from engine.jax_layout import JaxLayout  # pants: no-infer-dep (TPU engine only)
         from engine.jax_weights import JaxWeights  # pants: no-infer-dep (TPU engine only; no JAX on GPUs)
 

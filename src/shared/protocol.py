@@ -97,6 +97,12 @@ class VLLMOptions:
         emulate_tpu: run the TPU engine's own vLLM (vllm-tpu + tpu-inference) on JAX's CPU backend with
             the chip stood in (`engine.tpu_emulation`; tests and development only, never on a TPU); the
             emulated HBM is `cpu_kv_cache_gib`.
+        member_slots: LoRA adapter slots for low-rank members scored in one batch
+            (`Engine.evaluate_members`; `engine.vllm_lora`): the most members one rollout may carry. 0
+            turns LoRA off (members one at a time, merged into the weights).
+
+    Raises:
+        ValueError: an unknown cpu_linear, or member_slots < 0.
     """
 
     tensor_parallel_size: int = 1
@@ -105,9 +111,12 @@ class VLLMOptions:
     cpu_kv_cache_gib: float = 1.0
     cpu_linear: str = "read"
     emulate_tpu: bool = False
+    member_slots: int = 0
 
     def __post_init__(self) -> None:
         _choice("cpu_linear", self.cpu_linear, CPU_LINEAR_MODES)
+        if self.member_slots < 0:
+            raise ValueError(f"member_slots must be >= 0, got {self.member_slots}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,8 @@ class RolloutRequest:
         chat_template: render each prompt through the model's chat template (one user message and the
             generation prompt) instead of giving the raw text.
         member: the perturbation to score, or None for the unperturbed weights.
+        members: the perturbations to score on the same problems in one batch
+            (`Engine.evaluate_members`; low-rank members on vLLM, as LoRA adapters); `member` is then None.
         batch_size: prompts per generate call of the transformers backend (vLLM schedules its own).
         num_samples: completions returned as `Sample`s (the first ones).
     """
@@ -194,8 +205,13 @@ class RolloutRequest:
     task: str = "countdown"
     chat_template: bool = False
     member: Member | None = None
+    members: tuple[Member, ...] = ()
     batch_size: int = 16
     num_samples: int = 2
+
+    def __post_init__(self) -> None:
+        if self.members and self.member is not None:
+            raise ValueError("a RolloutRequest carries a member or members, not both")
 
 
 @dataclass(frozen=True)
@@ -272,6 +288,11 @@ class Engine(Protocol):
         """Perturbs by `request.member` (if any), generates greedily, scores with `request.task`'s reward
         and restores the weights exactly (also when generation fails). Raises RuntimeError without a
         model, `shared.tasks.TaskError` for a task this engine PEX does not hold."""
+
+    def evaluate_members(self, problems: list[Any], request: RolloutRequest) -> list[RolloutResult]:
+        """Scores each of `request.members` on `problems`, in one batch where the backend can; one result
+        per member, in order. Raises as `evaluate`, and ValueError where the backend cannot hold that many
+        members at once (`VLLMOptions.member_slots`)."""
 
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         """theta += sum_i coefficient_i * eps(seed_i) over (seed, coefficient) pairs; the new fingerprint."""
