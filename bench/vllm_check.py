@@ -27,6 +27,10 @@ one `engine.vllm_backend.VLLMBackend` on it (bf16, greedy, prefix caching off) a
   no recompilation   TPU: the compiled perturbation count stays 1 over 5 perturbations (tpu-inference).
                      Emulated TPU: also nothing else compiles (tpu-inference's `ForbidCompile` around
                      perturbations, restores and generation; vLLM's engine runs in this process there).
+  lora base slot,    GPUs at tensor parallelism 1: low-rank members as LoRA adapters in one batch
+  lora perturbs      (`lora_batch`): requests without an adapter get the base model while adapters are
+                     loaded, and the members change completions; their agreement with the same members
+                     merged into the weights, and the batch's time against the loop's, are reported.
 Then it times (medians over 5): perturb + restore, greedy generation of the prompts, and their ratio.
 Exit status: 0 when every check passes, 1 otherwise.
 """
@@ -204,6 +208,61 @@ def run(args: argparse.Namespace, model_dir: Path, kind: str) -> tuple[dict, lis
         "logprob_change_max": change,
         "completions_changed": f"{changed}/{len(prompts)}",
     }
+    backend.close()
+    return results, checks
+
+
+def lora_batch(args: argparse.Namespace, model_dir: Path) -> tuple[dict, list[tuple[str, bool, str]]]:
+    """CUDA, tensor parallelism 1: low-rank members as LoRA adapters in one batch
+    (`VLLMBackend.generate_members`, `engine.vllm_lora`) against the same members merged into the
+    weights one at a time, on one engine (bf16, rank 1, 4 members at 10 x sigma so that they move greedy
+    completions). Checks that a request without an adapter, while adapters are loaded, gives the base
+    model's completions, and that the members perturb; reports how many of each member's completions
+    equal its merged ones (bf16: the LoRA product and the merged weights round differently) and the
+    seconds of the batch against the loop."""
+    from engine.vllm_backend import VLLMBackend
+    from shared.countdown import make_prompt
+    from shared.protocol import Member
+
+    members = [Member(seed, sign, 10 * args.sigma) for seed in (1, 2) for sign in (1, -1)]
+    backend = VLLMBackend(
+        model_dir,
+        dtype="bfloat16",
+        max_model_len=512,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        rank=1,
+        member_slots=len(members),
+    )
+    prompts = [make_prompt([3 + i, 7, 11 + i], 20 + i) for i in range(args.prompts)]
+
+    def texts(completions) -> list[str]:
+        return [c.text for c in completions]
+
+    base = texts(backend.generate(prompts, args.max_new_tokens))
+    start = time.perf_counter()
+    batch = [texts(c) for c in backend.generate_members(prompts, members, args.max_new_tokens)]
+    batch_s = time.perf_counter() - start
+    start, merged = time.perf_counter(), []
+    for m in members:
+        backend.perturb(m.seed, m.sigma, m.sign)
+        merged.append(texts(backend.generate(prompts, args.max_new_tokens)))
+        backend.restore()
+    loop_s = time.perf_counter() - start
+    after = texts(backend.generate(prompts, args.max_new_tokens))
+    backend.close()
+    same = sum(a == b for x, y in zip(batch, merged, strict=True) for a, b in zip(x, y, strict=True))
+    moved = sum(a != b for x in batch for a, b in zip(x, base, strict=True))
+    total = len(members) * len(prompts)
+    checks = [
+        ("lora base slot", after == base, "no-adapter completions with adapters loaded equal the base's"),
+        ("lora perturbs", moved > 0, f"{moved}/{total} member completions differ from the base's"),
+    ]
+    results = {
+        "lora_equal_to_merged": f"{same}/{total}",
+        "lora_batch_s": batch_s,
+        "merged_loop_s": loop_s,
+        "lora_batch_speedup": loop_s / batch_s,
+    }
     return results, checks
 
 
@@ -247,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             f"engine on {model_dir} ({kind}, tensor parallel {args.tensor_parallel_size}, sigma {args.sigma})"
         )
         results, checks = run(args, model_dir, kind)
+        if kind == "cuda" and args.tensor_parallel_size == 1:
+            lora_results, lora_checks = lora_batch(args, model_dir)
+            results, checks = results | lora_results, checks + lora_checks
     for name, ok, detail in checks:
         print(f"{'ok  ' if ok else 'FAIL'} {name:18s} {detail}")
     for name, value in results.items():

@@ -164,7 +164,16 @@ def test_file_then_command_line(tmp_path):
             "--perturbation: lowrank is not on the TPU engine",
         ),
         (
-            ["--perturbation", "lowrank", "--backend", "vllm", "--tensor-parallel-size", "2"],
+            [
+                "--perturbation",
+                "lowrank",
+                "--backend",
+                "vllm",
+                "--engine-gpus",
+                "2",
+                "--tensor-parallel-size",
+                "2",
+            ],
             "--member-batch: LoRA member batches need --tensor-parallel-size 1",
         ),
         (["--member-batch", "4"], "--member-batch: only with --perturbation lowrank on vLLM"),

@@ -76,7 +76,6 @@ class TrainConfig(EngineOptions):
         "--backend vllm): 0 = its whole share of the population (population / engines, rounded up); 1 = "
         "one at a time, merged into the weights (no LoRA)",
         "members",
-        resumable=True,
         ge=0,
     )
     iterations: int = option(20, "ES iterations (updates) in total", "iterations", resumable=True, gt=0)

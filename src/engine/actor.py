@@ -139,9 +139,9 @@ class EngineActor:
             raise RuntimeError(f"engine {self.engine_id}: no model loaded; call load_model first")
         return self.backend
 
-    def _prompts(
-        self, backend: Backend, task: Any, problems: list[Any], request: RolloutRequest
-    ) -> list[str]:
+    @staticmethod
+    def _prompts(backend: Backend, task: Any, problems: list[Any], request: RolloutRequest) -> list[str]:
+        """The prompts of `problems`, through the chat template if `request.chat_template`."""
         prompts = [task.prompt(p) for p in problems]
         return backend.chat_prompts(prompts) if request.chat_template else prompts
 

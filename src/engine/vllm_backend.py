@@ -124,7 +124,8 @@ class VLLMBackend:
             workers through `engine.jax_layout`), so that checkpoints load in transformers.
 
     Raises:
-        ValueError: from vLLM, for an unreadable model directory or an unsupported setting.
+        ValueError: from vLLM, for an unreadable model directory or an unsupported setting; member_slots
+            without a rank or with tensor_parallel_size > 1.
         engine.vllm_layout.LayoutError, engine.vllm_cpu.PackedWeightsError: a parameter ES would perturb
             is empty or not what the forward pass computes from (named).
         engine.tpu_emulation.EmulationError: `emulate_tpu` where it cannot run (a TPU, no tpu-inference,

@@ -157,3 +157,39 @@ def test_tpu_runner_reads_its_weights_from_state_leaves():
         and node.args
     ]
     assert calls and all(ast.unparse(call.args[0]) == "self.state_leaves" for call in calls)
+
+
+def test_the_lora_api_member_adapters_use():
+    """`engine.vllm_lora` (low-rank members as LoRA adapters, on the CUDA and CPU engines): the `LLM`
+    arguments, the allowed ranks, `LoRARequest`, the worker-side manager calls and the stacked tensors it
+    writes, as the locked vLLM 0.32 has them."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+    from vllm.lora.request import LoRARequest
+
+    from engine import vllm_lora
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert set(vllm_lora.llm_kwargs(4, 1)) <= fields
+    assert get_args(MaxLoRARanks) == vllm_lora.MAX_LORA_RANKS
+    assert "lora_request" in inspect.signature(LLM.generate).parameters
+    request = LoRARequest("es-member-0", 1, "es-member-0")
+    assert (request.lora_int_id, request.lora_name) == (1, "es-member-0")
+    mixin = class_def(
+        installed_source("vllm-tpu", "vllm/v1/worker/lora_model_runner_mixin.py"), "LoRAModelRunnerMixin"
+    )
+    assert "lora_manager" in class_attributes(mixin)
+    workers = installed_source("vllm-tpu", "vllm/lora/worker_manager.py")
+    assert {"add_dummy_lora", "pin_adapter", "_adapter_manager"} <= class_attributes(
+        class_def(workers, "WorkerLoRAManager")
+    ) | class_attributes(class_def(workers, "LRUCacheWorkerLoRAManager"))
+    manager = class_def(installed_source("vllm-tpu", "vllm/lora/model_manager.py"), "LoRAModelManager")
+    assert {"lora_index_to_id", "activate_adapter"} <= class_attributes(manager)
+    # An adapter takes the first free slot (MemberAdapters pins ids 1..M into slots 0..M-1 in order).
+    (activate,) = (n for n in manager.body if isinstance(n, ast.FunctionDef) and n.name == "activate_adapter")
+    assert "first_free_slot" in ast.unparse(activate)
+    linear = class_def(
+        installed_source("vllm-tpu", "vllm/lora/layers/base_linear.py"), "BaseLinearLayerWithLoRA"
+    )
+    assert {"lora_a_stacked", "lora_b_stacked", "base_layer"} <= class_attributes(linear)
