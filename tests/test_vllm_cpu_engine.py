@@ -147,6 +147,37 @@ def test_lowrank_members_in_one_lora_batch_equal_each_member_merged_alone(pool, 
         assert _completions(_evaluate(pool, 0, 16)) == _completions(_evaluate(pool, 2, 16))
 
 
+def test_requests_without_an_adapter_get_the_base_model_in_a_batch_with_member_adapters(tiny_model):
+    """vLLM 0.32's CPU LoRA ops give a token without an adapter the index -1, which reads the LAST slot:
+    in one batch that mixes members with requests without an adapter, those get the base model only
+    because `engine.vllm_lora` keeps that slot zero (with member 1's factors written into it, the same
+    requests' completions changed on the development machine, 2026-12-08). Runs `VLLMBackend` in the
+    engine-cpu PEX's interpreter."""
+    code = (
+        "import json\n"
+        "from engine.vllm_backend import VLLMBackend\n"
+        "from shared.protocol import Member\n"
+        f"prompts = {[p.prompt for p in PROBLEMS]!r}\n"
+        f"b = VLLMBackend({tiny_model!r}, dtype='float32', cpu_kv_cache_gib=0.25, max_model_len=512, "
+        "rank=1, member_slots=2)\n"
+        "texts = lambda completions: [c.text for c in completions]\n"
+        "base = texts(b.generate(prompts, 16))\n"
+        "members = [Member(11, 1, 0.05), Member(12, -1, 0.05)]\n"
+        "mixed = [texts(c) for c in b.generate_members(prompts, [members[0], None, members[1]], 16)]\n"
+        "alone = [texts(c) for c in b.generate_members(prompts, members, 16)]\n"
+        "print('RESULT', json.dumps({'base': base, 'mixed': mixed, 'alone': alone}))\n"
+        "b.close()\n"
+    )
+    proc = run_engine_pex(ENGINE_PEX, ["-c", code], 900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = (line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    base, (first, without, second), alone = result["base"], result["mixed"], result["alone"]
+    assert without == base
+    assert [first, second] == alone
+    assert alone != [base, base]  # the members do perturb
+
+
 def test_two_vllm_engines_agree_and_a_resync_moves_the_master(pool, tiny_model):
     _load(pool, 0, tiny_model, vllm=True)
     _load(pool, 1, tiny_model, vllm=True)

@@ -356,12 +356,17 @@ class VLLMBackend:
         return [_completion(output) for output in outputs]
 
     def generate_members(
-        self, prompts: list[str], members: list[Member], max_new_tokens: int, ignore_eos: bool = False
+        self,
+        prompts: list[str],
+        members: list[Member | None],
+        max_new_tokens: int,
+        ignore_eos: bool = False,
     ) -> list[list[Completion]]:
-        """Greedy completions of `prompts` under each low-rank member, all in one `generate` call: member j
-        is written into LoRA slot j (`engine.vllm_lora`) and every copy of the prompts carries its
-        adapter. Returns one list of completions per member, in order (`ignore_eos`: see
-        `sampling_params`).
+        """Greedy completions of `prompts` under each low-rank member, all in one `generate` call: the
+        members are written into LoRA slots 0, 1, ... in order (`engine.vllm_lora`) and every copy of the
+        prompts carries its member's adapter; a None member's copy carries none, i.e. the base model (the
+        zero base slot makes that exact in a batch that mixes both). Returns one list of completions per
+        member, in order (`ignore_eos`: see `sampling_params`).
 
         Raises:
             ValueError: no member slots, more members than slots, members of different sigma, or
@@ -369,18 +374,22 @@ class VLLMBackend:
         """
         from engine.vllm_lora import adapter_request
 
-        if not members:
-            return []
-        if len(members) > self.member_slots:
-            raise ValueError(f"{len(members)} members, but this engine has {self.member_slots} member slots")
-        sigmas = {m.sigma for m in members}
-        if len(sigmas) != 1:
+        scored = [m for m in members if m is not None]
+        if len(scored) > self.member_slots:
+            raise ValueError(f"{len(scored)} members, but this engine has {self.member_slots} member slots")
+        sigmas = {m.sigma for m in scored}
+        if len(sigmas) > 1:
             raise ValueError(f"members of one batch share sigma, got {sorted(sigmas)}")
-        self.llm.collective_rpc("es_set_members", args=([(m.seed, m.sign) for m in members], sigmas.pop()))
+        if scored:
+            self.llm.collective_rpc("es_set_members", args=([(m.seed, m.sign) for m in scored], sigmas.pop()))
+        adapters, slot = [], 0
+        for member in members:
+            adapters.append(None if member is None else adapter_request(slot))
+            slot += member is not None
         outputs = self.llm.generate(
             prompts * len(members),
             sampling_params(max_new_tokens, ignore_eos),
-            lora_request=[adapter_request(j) for j in range(len(members)) for _ in prompts],
+            lora_request=[adapter for adapter in adapters for _ in prompts],
             use_tqdm=False,
         )
         completions = [_completion(output) for output in outputs]

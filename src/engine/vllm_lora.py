@@ -13,8 +13,11 @@ but these tensors.
 
 The last slot (index `slots`) never holds an adapter and is kept zero. vLLM 0.32's CPU ops give a token
 without an adapter the index -1 and index the stacked weights with it, i.e. the LAST slot (fixed upstream
-after 0.32): with that slot zero, a request without a `LoRARequest` (held-out evaluation, the unperturbed
-model) computes the base model exactly (`MemberAdapters.check_base_slot` checks it before every rollout).
+after 0.32). A batch of requests that all lack an adapter skips the LoRA ops, but one that mixes them with
+members' requests does not: with that slot zero, a request without a `LoRARequest` (held-out
+evaluation, the unperturbed model) computes the base model exactly in any batch
+(`MemberAdapters.check_base_slot` checks the slot before every rollout; tests/test_vllm_cpu_engine.py
+runs a mixed batch, whose requests without an adapter changed when the slot held a member).
 
 Which slice of a fused vLLM layer is which checkpoint matrix comes from `engine.vllm_layout.HFLayout`:
 the LoRA layer wrapping parameter `<module>.base_layer.weight` has one stacked slice per checkpoint tensor
