@@ -2,7 +2,7 @@
 loops and against stock vLLM, on the vLLM CPU engine and SmolLM2-135M-Instruct.
 
     ./pants run bench:population -- [--members 16 32] [--prompts 8] [--tokens 100] [--rank 1]
-        [--dtype float32] [--configs full,lowrank,batch,stock] [--json FILE]
+        [--dtype float32] [--cpu-linear read] [--configs full,lowrank,batch,stock] [--json FILE]
 
 Runs in the engine-cpu environment (one process, one engine on every core; each configuration builds its
 engine, warms it up and closes it before the next). The model is SmolLM2-135M-Instruct imported from the
@@ -11,7 +11,8 @@ Every generation is greedy with exactly `--tokens` new tokens per prompt (`ignor
 configuration generates the same N x prompts x tokens tokens. For each N of `--members`:
 
   full     (a) today's loop: per member perturb all weights in place (`es_perturb`, full rank), generate
-           its prompts, restore (`VLLMBackend`, cpu_linear "read");
+           its prompts, restore (`VLLMBackend`, cpu_linear `--cpu-linear`: "read", or "repack", vLLM's
+           packed kernels re-packed after each weight change);
   lowrank  (b) the low-rank loop one member at a time: the same, with rank-r members merged into the
            attention and MLP matrices (`engine.lowrank.LowRankWeights` in the worker);
   batch    (c) the low-rank population in one batch: every member a LoRA adapter written into its slot,
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=100, help="new tokens per prompt")
     parser.add_argument("--rank", type=int, default=1, help="rank r of the low-rank members")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--cpu-linear", default="read", help="the ES engines' linear layers (read or repack; stock: vLLM's own)"
+    )
     parser.add_argument("--configs", default="full,lowrank,batch,stock", help="comma-separated, see above")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         import_gguf(packaged_gguf("smollm2-135m-instruct"), model_dir)
     configs = args.configs.split(",")
     largest = max(args.members)
-    common = {"dtype": args.dtype, "cpu_kv_cache_gib": 2.0, "max_model_len": 512}
+    common = {"dtype": args.dtype, "cpu_kv_cache_gib": 2.0, "max_model_len": 512, "cpu_linear": args.cpu_linear}
     results: dict = {"cpu": cpu_report(), "args": vars(args), "runs": {}}
     print(json.dumps(results["cpu"]))
     questions = [row["question"] for row in generate_rows(args.prompts)]
