@@ -177,6 +177,9 @@ class EngineHost:
     def evaluate(self, problems: list[Any], request: RolloutRequest) -> RolloutResult:
         return self._engine.evaluate(problems, request)
 
+    def evaluate_members(self, problems: list[Any], request: RolloutRequest) -> list[RolloutResult]:
+        return self._engine.evaluate_members(problems, request)
+
     def apply_update(self, pairs: list[tuple[int, float]]) -> str:
         return self._engine.apply_update(pairs)
 
