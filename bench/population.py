@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=1, help="rank r of the low-rank members")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
-        "--cpu-linear", default="read", help="the ES engines' linear layers (read or repack; stock: vLLM's own)"
+        "--cpu-linear", default="read", help="the ES engines' linear layers: read or repack (stock: its own)"
     )
     parser.add_argument("--configs", default="full,lowrank,batch,stock", help="comma-separated, see above")
     parser.add_argument("--json", help="also write the results to this file")
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         import_gguf(packaged_gguf("smollm2-135m-instruct"), model_dir)
     configs = args.configs.split(",")
     largest = max(args.members)
-    common = {"dtype": args.dtype, "cpu_kv_cache_gib": 2.0, "max_model_len": 512, "cpu_linear": args.cpu_linear}
+    common = {"dtype": args.dtype, "cpu_kv_cache_gib": 2.0, "max_model_len": 512}
+    common["cpu_linear"] = args.cpu_linear
     results: dict = {"cpu": cpu_report(), "args": vars(args), "runs": {}}
     print(json.dumps(results["cpu"]))
     questions = [row["question"] for row in generate_rows(args.prompts)]
