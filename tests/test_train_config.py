@@ -176,6 +176,10 @@ def test_file_then_command_line(tmp_path):
             ],
             "--member-batch: LoRA member batches need --tensor-parallel-size 1",
         ),
+        (
+            ["--perturbation", "lowrank", "--backend", "vllm", "--cpu-linear", "repack"],
+            "--cpu-linear: repack is not for LoRA member batches yet",
+        ),
         (["--member-batch", "4"], "--member-batch: only with --perturbation lowrank on vLLM"),
         (["--member-batch", "-1"], "--member-batch: must be >= 0"),
         (["--perturbation", "lowrank", "--restore-mode", "subtract"], "--restore-mode: subtract is not for"),

@@ -214,6 +214,11 @@ class TrainConfig(EngineOptions):
                 )
             if self.restore_mode == "subtract":
                 raise ConfigError("--restore-mode: subtract is not for --perturbation lowrank (use master)")
+            if self.member_slots() and self.cpu_linear == "repack":
+                raise ConfigError(
+                    "--cpu-linear: repack is not for LoRA member batches yet (vLLM's LoRA layers wrap the "
+                    "packed linear layers, and the engine's start-up check refuses them); use read"
+                )
             if self.member_slots() and self.tensor_parallel_size != 1:
                 raise ConfigError(
                     "--member-batch: LoRA member batches need --tensor-parallel-size 1 (or --member-batch 1, "
