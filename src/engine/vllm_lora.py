@@ -122,13 +122,11 @@ class MemberAdapters:
                 f"member adapters landed in slots {index_to_id}, expected ids 1..{slots} in slots "
                 f"0..{slots - 1} and the last slot free"
             )
-        # (LoRA layer, [(slice index, checkpoint name, (out, in))]) of every targeted matrix.
+        # Every LoRA layer, with [(slice index, checkpoint name, (out, in))] of its targeted matrices.
         self.layers: list[tuple[Any, list[tuple[int, str, tuple[int, int]]]]] = []
-        self._all: list[Any] = []
         for module_name, module in model.named_modules():
             if not isinstance(module, BaseLayerWithLoRA):
                 continue
-            self._all.append(module)
             placed = sorted(slices.get(f"{module_name}.base_layer.weight", ()), key=lambda s: s[1])
             if len(placed) != len(module.lora_a_stacked):
                 raise AdapterError(
@@ -178,7 +176,7 @@ class MemberAdapters:
     def check_base_slot(self) -> None:
         """Raises AdapterError unless the last slot of every LoRA layer (what a token without an adapter
         reads in vLLM 0.32's CPU ops) is zero."""
-        for module in self._all:
+        for module, _ in self.layers:
             for stacked in (*module.lora_a_stacked, *module.lora_b_stacked):
                 if torch.count_nonzero(stacked[self.slots]):
                     raise AdapterError(
